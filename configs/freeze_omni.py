@@ -1,0 +1,53 @@
+"""The Freeze-Omni model. Variants:
+
+- ``freeze_omni``: the released model's real dimensions (Qwen2-7B-Instruct backbone, encoder
+  1024 x 24, speech decoder 896, TiCodec 24 kHz / 40 Hz).
+- ``qwen2_0_5b``: the same speech parts around a Qwen2-0.5B-shaped LLM (benchmarks, small GPUs).
+- ``tiny``: a few-second CPU model for tests and notebooks (float32).
+"""
+
+import ml_collections
+
+
+def _freeze_omni() -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict({
+        "model": {
+            "llm": dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_layers=28,
+                        num_heads=28, num_kv_heads=4, head_dim=128, rope_theta=1e6, rms_norm_eps=1e-6,
+                        tie_word_embeddings=False, max_position_embeddings=32768,
+                        eos_token_ids=(151645, 151643), dtype="bfloat16", param_dtype="bfloat16"),
+            "encoder": dict(input_dim=80, hidden_size=1024, num_layers=24, num_heads=16, ffn_size=4096,
+                            chunk_size=4, left_chunks=16, dropout=0.1, ctc_vocab_size=5538),
+            "adapter": dict(kind="subsampling", input_dim=1024, output_dim=3584, kernel_size=5,
+                            activation="gelu", norm="layer", prompt_num=25, num_states=4, task_num=20),
+            "decoder": dict(hidden_size=896, num_layers=4, num_heads=14, num_kv_heads=14,
+                            intermediate_size=4864, rms_norm_eps=1e-6, rope_theta=10000.0,
+                            max_position_embeddings=2048, codec_vocab_size=1024, top_k=2),
+            "codec": dict(sample_rate=24000, upsample_rates=(8, 5, 5, 3),
+                          upsample_kernel_sizes=(16, 11, 11, 5), n_codes=1024, code_dim=512,
+                          global_codes=8, global_code_size=1024, global_code_dim=16),
+        },
+        "seed": 0,
+    })
+
+
+def get_config(variant: str = "freeze_omni") -> ml_collections.ConfigDict:
+    cfg = _freeze_omni()
+    if variant == "freeze_omni":
+        return cfg
+    if variant == "qwen2_0_5b":
+        cfg.model.llm.update(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_layers=24,
+                             num_heads=14, num_kv_heads=2, head_dim=64, tie_word_embeddings=True)
+        cfg.model.adapter.output_dim = 896
+        return cfg
+    if variant == "tiny":
+        cfg.model.llm.update(vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2,
+                             num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=2048,
+                             eos_token_ids=(2,), dtype="float32", param_dtype="float32")
+        cfg.model.encoder.update(hidden_size=64, num_layers=2, num_heads=4, ffn_size=128, ctc_vocab_size=64)
+        cfg.model.adapter.update(input_dim=64, output_dim=64, prompt_num=4)
+        cfg.model.decoder.update(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=4,
+                                 intermediate_size=64)
+        cfg.model.codec.update(upsample_initial_channel=32, code_dim=16)
+        return cfg
+    raise ValueError(f"unknown variant {variant!r}; expected freeze_omni, qwen2_0_5b or tiny")

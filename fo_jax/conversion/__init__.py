@@ -1,0 +1,1 @@
+"""Checkpoint conversion: HF Qwen2 safetensors and the official Freeze-Omni ``.pt`` files."""

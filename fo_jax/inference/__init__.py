@@ -1,0 +1,1 @@
+"""Inference: samplers, jitted prefill/decode steps, streaming pipelines."""

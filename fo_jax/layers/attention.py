@@ -1,0 +1,84 @@
+"""Grouped-query self-attention with rotary positions and an optional explicit KV cache."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from fo_jax.layers.kv_cache import KVCache
+from fo_jax.layers.mlp import DEFAULT_INIT
+from fo_jax.layers.rope import apply_rope
+
+
+def dot_product_attention(q_btnh: jax.Array, k_bskh: jax.Array, v_bskh: jax.Array,
+                          mask_bts: jax.Array) -> jax.Array:
+    """Softmax attention where N query heads share K = N / G key/value heads.
+
+    Args:
+      q_btnh: (B, T, N, H) queries.
+      k_bskh, v_bskh: (B, S, K, H) keys and values.
+      mask_bts: (B, T, S) bool, True where query t may attend to key s.
+    Returns:
+      (B, T, N, H). Scores and softmax are computed in float32.
+    """
+    b, t, n, h = q_btnh.shape
+    kv = k_bskh.shape[2]
+    q = q_btnh.reshape(b, t, kv, n // kv, h)
+    scores = jnp.einsum("btkgh,bskh->bkgts", q, k_bskh, preferred_element_type=jnp.float32)
+    scores = scores * (h ** -0.5)
+    scores = jnp.where(mask_bts[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v_bskh.dtype)
+    out = jnp.einsum("bkgts,bskh->btkgh", probs, v_bskh)
+    return out.reshape(b, t, n, h)
+
+
+class Attention(nn.Module):
+    """Multi-head attention, GQA-capable, with params named as in HF LLaMA/Qwen2.
+
+    Params: q_proj (D, N, H), k_proj / v_proj (D, K, H), optional biases, o_proj (N, H, D).
+    """
+
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rope_theta: float
+    use_bias: bool = False
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    def _proj(self, heads: int, head_axis: str, name: str) -> nn.DenseGeneral:
+        return nn.DenseGeneral(
+            (heads, self.head_dim), use_bias=self.use_bias, dtype=self.dtype,
+            param_dtype=self.param_dtype, name=name,
+            kernel_init=nn.with_logical_partitioning(DEFAULT_INIT, ("embed", head_axis, "head_dim")),
+            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (head_axis, "head_dim")))
+
+    @nn.compact
+    def __call__(self, x_btd: jax.Array, positions_bt: jax.Array, mask_bts: jax.Array,
+                 cache: KVCache | None = None, layer: int = 0) -> tuple[jax.Array, KVCache | None]:
+        """Attends over this block (cache=None) or over the cache after writing this block into it.
+
+        Args:
+          x_btd: (B, T, D) inputs.
+          positions_bt: (B, T) rotary positions.
+          mask_bts: (B, T, S) bool; S = T without cache, S = cache.max_len with one.
+          cache: written at slots ``cache.lengths[b] + t`` for ``layer``.
+        Returns:
+          (B, T, D) outputs and the updated cache (None without cache).
+        """
+        q = self._proj(self.num_heads, "heads", "q_proj")(x_btd)
+        k = self._proj(self.num_kv_heads, "kv_heads", "k_proj")(x_btd)
+        v = self._proj(self.num_kv_heads, "kv_heads", "v_proj")(x_btd)
+        q = apply_rope(q, positions_bt, self.rope_theta)
+        k = apply_rope(k, positions_bt, self.rope_theta)
+        if cache is not None:
+            cache = cache.write(layer, k, v)
+            k, v = cache.k[layer].astype(self.dtype), cache.v[layer].astype(self.dtype)
+        out = dot_product_attention(q, k, v, mask_bts)
+        out = nn.DenseGeneral(
+            x_btd.shape[-1], axis=(-2, -1), use_bias=False, dtype=self.dtype,
+            param_dtype=self.param_dtype, name="o_proj",
+            kernel_init=nn.with_logical_partitioning(DEFAULT_INIT, ("heads", "head_dim", "embed")),
+        )(out)
+        return out, cache

@@ -1,0 +1,49 @@
+"""Fixed-size key/value caches: explicit pytrees passed into and returned from step functions."""
+
+from __future__ import annotations
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+# Logical axis names of the cache arrays, resolved to mesh axes by ``fo_jax.sharding``.
+KV_AXES = ("layers", "cache_batch", "cache_len", "kv_heads", "head_dim")
+LENGTH_AXES = ("cache_batch",)
+
+
+@flax.struct.dataclass
+class KVCache:
+    """Keys/values of every layer in fixed-size slots, plus the filled length of each row.
+
+    Attributes:
+      k: (L, B, S, K, H) keys; slot s of row b holds position s once ``s < lengths[b]``.
+      v: (L, B, S, K, H) values.
+      lengths: (B,) int32, number of filled slots per row.
+    """
+
+    k: jax.Array
+    v: jax.Array
+    lengths: jax.Array
+
+    @classmethod
+    def zeros(cls, num_layers: int, batch: int, max_len: int, num_kv_heads: int, head_dim: int,
+              dtype: jnp.dtype = jnp.float32) -> "KVCache":
+        shape = (num_layers, batch, max_len, num_kv_heads, head_dim)
+        return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
+                   lengths=jnp.zeros((batch,), jnp.int32))
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[2]
+
+    def write(self, layer: int, k_btkh: jax.Array, v_btkh: jax.Array) -> "KVCache":
+        """Writes T new entries of one layer at slots ``lengths[b] + t`` (lengths unchanged).
+
+        Writes past the end of the cache are dropped, never wrapped or clamped onto valid slots.
+        """
+        batch, steps = k_btkh.shape[:2]
+        rows = jnp.broadcast_to(jnp.arange(batch)[:, None], (batch, steps))
+        slots = self.lengths[:, None] + jnp.arange(steps)[None, :]
+        k = self.k.at[layer, rows, slots].set(k_btkh.astype(self.k.dtype), mode="drop")
+        v = self.v.at[layer, rows, slots].set(v_btkh.astype(self.v.dtype), mode="drop")
+        return self.replace(k=k, v=v)

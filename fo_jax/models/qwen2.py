@@ -1,0 +1,122 @@
+"""Qwen2 decoder-only LLM (the frozen backbone of Freeze-Omni) in Flax Linen.
+
+Param names mirror HF (``embed_tokens``, ``layers_{i}/self_attn/q_proj``, ``mlp/gate_proj``,
+``input_layernorm``, ``norm``, ``lm_head``) so ``fo_jax.conversion.hf_qwen2`` is a short table.
+The KV cache is an explicit argument and return value (``fo_jax.layers.kv_cache.KVCache``).
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from fo_jax.layers.attention import Attention
+from fo_jax.layers.kv_cache import KVCache
+from fo_jax.layers.mlp import DEFAULT_INIT, SwiGLU
+from fo_jax.layers.norms import RMSNorm
+from fo_jax.models.configs import LLMConfig, to_dtype
+
+
+class Qwen2Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm(x)), then + mlp(norm(.))."""
+
+    config: LLMConfig
+
+    @nn.compact
+    def __call__(self, x_btd, positions_bt, mask_bts, cache, layer):
+        cfg = self.config
+        dtype, pdtype = to_dtype(cfg.dtype), to_dtype(cfg.param_dtype)
+        h = RMSNorm(cfg.rms_norm_eps, pdtype, name="input_layernorm")(x_btd)
+        h, cache = Attention(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rope_theta,
+                             use_bias=cfg.qkv_bias, dtype=dtype, param_dtype=pdtype,
+                             name="self_attn")(h, positions_bt, mask_bts, cache, layer)
+        x_btd = x_btd + h
+        h = RMSNorm(cfg.rms_norm_eps, pdtype, name="post_attention_layernorm")(x_btd)
+        h = SwiGLU(cfg.hidden_size, cfg.intermediate_size, dtype, pdtype, name="mlp")(h)
+        return x_btd + h, cache
+
+
+class Qwen2(nn.Module):
+    """Qwen2 causal LM.
+
+    Methods (call through ``apply(..., method=...)``):
+      embed: token ids -> input embeddings.
+      __call__: input embeddings -> final-norm hidden states (+ updated cache).
+      logits: hidden states -> vocabulary logits (tied or untied head).
+      forward: token ids -> logits over a whole sequence.
+    """
+
+    config: LLMConfig
+
+    def setup(self):
+        cfg = self.config
+        dtype, pdtype = to_dtype(cfg.dtype), to_dtype(cfg.param_dtype)
+        self.embed_tokens = nn.Embed(
+            cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=pdtype,
+            embedding_init=nn.with_logical_partitioning(DEFAULT_INIT, ("vocab", "embed")))
+        block = nn.remat(Qwen2Block, static_argnums=(5,)) if cfg.remat else Qwen2Block
+        self.layers = [block(cfg) for _ in range(cfg.num_layers)]
+        self.norm = RMSNorm(cfg.rms_norm_eps, pdtype)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = nn.Dense(
+                cfg.vocab_size, use_bias=False, dtype=dtype, param_dtype=pdtype,
+                kernel_init=nn.with_logical_partitioning(DEFAULT_INIT, ("embed", "vocab")))
+
+    def embed(self, tokens_bt: jax.Array) -> jax.Array:
+        """(B, T) int -> (B, T, D) in the compute dtype."""
+        return self.embed_tokens(tokens_bt)
+
+    def logits(self, hidden_btd: jax.Array) -> jax.Array:
+        """(..., D) final-norm hidden states -> (..., V) float32 logits."""
+        if self.config.tie_word_embeddings:
+            out = self.embed_tokens.attend(hidden_btd)
+        else:
+            out = self.lm_head(hidden_btd)
+        return out.astype(jnp.float32)
+
+    def __call__(self, x_btd: jax.Array, lengths_b: jax.Array | None = None,
+                 cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
+        """Runs the decoder over a right-padded block of input embeddings.
+
+        Without a cache, the block is a whole sequence (training / parity forward): positions are
+        0..T-1 and keys at or past ``lengths_b`` are masked. With a cache, the block is appended at
+        each row's ``cache.lengths``: positions continue from there, it attends causally to the
+        cache, and the returned cache's lengths grow by ``lengths_b`` (the row's number of valid
+        new entries; default T). Callers keep ``cache.lengths + T <= cache.max_len``.
+
+        Args:
+          x_btd: (B, T, D) input embeddings (``embed`` of token ids, or speech embeddings).
+          lengths_b: (B,) int, valid entries per row (default: all T).
+          cache: optional KVCache of shape (L, B, S, K, H).
+        Returns:
+          hidden_btd: (B, T, D) final-norm hidden states, and the updated cache (or None).
+        """
+        b, t, _ = x_btd.shape
+        steps = jnp.arange(t)
+        if lengths_b is None:
+            lengths_b = jnp.full((b,), t, jnp.int32)
+        if cache is None:
+            positions = jnp.broadcast_to(steps, (b, t))
+            mask = (steps[None, :, None] >= steps[None, None, :]) & (steps < lengths_b[:, None])[:, None, :]
+        else:
+            positions = cache.lengths[:, None] + steps[None, :]
+            slots = jnp.arange(cache.max_len)
+            mask = slots[None, None, :] <= positions[:, :, None]
+        x = x_btd.astype(to_dtype(self.config.dtype))
+        for i, layer in enumerate(self.layers):
+            x, cache = layer(x, positions, mask, cache, i)
+        if cache is not None:
+            cache = cache.replace(lengths=cache.lengths + lengths_b.astype(jnp.int32))
+        return self.norm(x), cache
+
+
+    def forward(self, tokens_bt: jax.Array, lengths_b: jax.Array | None = None) -> jax.Array:
+        """Full-sequence logits (training, parity): (B, T) ids -> (B, T, V) float32."""
+        hidden, _ = self(self.embed(tokens_bt), lengths_b)
+        return self.logits(hidden)
+
+
+def init_params(config: LLMConfig, rng: jax.Array) -> dict:
+    """Random params, boxed with logical axis names (``nn.unbox`` gives plain arrays)."""
+    return Qwen2(config).init(rng, jnp.zeros((1, 1), jnp.int32), method=Qwen2.forward)["params"]
