@@ -74,14 +74,15 @@ def expected_shapes(cfg: LLMConfig) -> dict[str, tuple[int, ...]]:
     """HF tensor shapes of a model with this config."""
     d, h, f, v = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size, cfg.vocab_size
     q, kv = cfg.num_heads * h, cfg.num_kv_heads * h
-    per_layer = {"q_proj.weight": (q, d), "q_proj.bias": (q,), "k_proj.weight": (kv, d), "k_proj.bias": (kv,),
-                 "v_proj.weight": (kv, d), "v_proj.bias": (kv,), "o_proj.weight": (d, q),
-                 "gate_proj.weight": (f, d), "up_proj.weight": (f, d), "down_proj.weight": (d, f),
+    per_layer = {"self_attn.q_proj.weight": (q, d), "self_attn.q_proj.bias": (q,),
+                 "self_attn.k_proj.weight": (kv, d), "self_attn.k_proj.bias": (kv,),
+                 "self_attn.v_proj.weight": (kv, d), "self_attn.v_proj.bias": (kv,),
+                 "self_attn.o_proj.weight": (d, q), "mlp.gate_proj.weight": (f, d),
+                 "mlp.up_proj.weight": (f, d), "mlp.down_proj.weight": (d, f),
                  "input_layernorm.weight": (d,), "post_attention_layernorm.weight": (d,)}
     shapes = {"model.embed_tokens.weight": (v, d), "model.norm.weight": (d,), "lm_head.weight": (v, d)}
-    for name, _, _ in mapping_table(cfg):
-        if name.startswith("model.layers."):
-            shapes[name] = per_layer[name.split(".", 4)[-1].split(".", 1)[-1]]
+    for i in range(cfg.num_layers):
+        shapes.update({f"model.layers.{i}.{k}": s for k, s in per_layer.items()})
     return {name: shapes[name] for name, _, _ in mapping_table(cfg)}
 
 

@@ -31,6 +31,8 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
     try:
         with open(path, "rb") as f:
             (header_len,) = struct.unpack("<Q", f.read(8))
+            if header_len > path.stat().st_size - 8:
+                raise LoadError(f"{path}: not a readable safetensors file (bad header length)")
             header = json.loads(f.read(header_len))
     except (OSError, struct.error, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise LoadError(f"{path}: not a readable safetensors file ({type(e).__name__})") from None

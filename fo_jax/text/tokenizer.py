@@ -76,3 +76,25 @@ def qwen2_tokenizer():
     if ids != [QWEN2_SPECIAL_IDS[s] for s in specials]:
         raise LoadError(f"{vocab_file}: special tokens landed at ids {ids}, expected Qwen2's")
     return tok
+
+
+def train_bpe_tokenizer(texts: Sequence[str], vocab_size: int = 384):
+    """A small byte-level BPE tokenizer trained on ``texts`` (toy worlds, smoke runs).
+
+    Specials take ids 0..2 (``<|endoftext|>``, ``<|im_start|>``, ``<|im_end|>``) and the ChatML
+    template is attached, so it plugs in wherever the Qwen2 tokenizer does.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = [END_OF_TEXT, IM_START, IM_END]
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    bpe.train_from_iterator(texts, trainer)
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token=IM_END, pad_token=END_OF_TEXT,
+                                  chat_template=CHAT_TEMPLATE)
+    tok.add_special_tokens({"additional_special_tokens": specials})
+    return tok

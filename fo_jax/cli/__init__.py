@@ -1,0 +1,1 @@
+"""The ``fo-jax`` command line."""

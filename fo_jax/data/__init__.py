@@ -1,0 +1,1 @@
+"""Data: grain pipelines over JSONL manifests / TFDS sources, fbank features, SpecAugment, bucketing."""

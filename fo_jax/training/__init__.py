@@ -1,0 +1,1 @@
+"""Training: losses, optimizers, train steps and loops for every stage."""

@@ -1,0 +1,64 @@
+"""Causal-LM training of a Qwen2 text model (the toy world's LLM before it is frozen; smoke runs).
+
+A plain, fully trainable loop: AdamW with warm-up + cosine decay, gradient clipping, loss on
+masked next-token targets. The frozen-LLM speech stages use ``fo_jax.training`` stage steps instead.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from fo_jax.models.configs import LLMConfig
+from fo_jax.models.qwen2 import Qwen2
+
+
+def next_token_loss(params: dict, cfg: LLMConfig, tokens_bt: jax.Array, mask_bt: jax.Array) -> jax.Array:
+    """Mean cross-entropy of predicting token t+1 at t, over targets where ``mask_bt[:, t+1]`` is set.
+
+    Args:
+      tokens_bt: (B, T) int ids (right-padded).
+      mask_bt: (B, T) float/bool, 1 on tokens that count as targets.
+    """
+    logits = Qwen2(cfg).apply({"params": params}, tokens_bt, method=Qwen2.forward)[:, :-1]
+    targets, weights = tokens_bt[:, 1:], mask_bt[:, 1:].astype(jnp.float32)
+    nll = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+    return jnp.sum(nll * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+
+
+def make_optimizer(lr: float, steps: int, warmup: int = 50, weight_decay: float = 0.01,
+                   clip: float = 1.0) -> optax.GradientTransformation:
+    schedule = optax.warmup_cosine_decay_schedule(0.0, lr, min(warmup, max(steps - 1, 1)), max(steps, 2),
+                                                  end_value=lr * 0.05)
+    return optax.chain(optax.clip_by_global_norm(clip),
+                       optax.adamw(schedule, b1=0.9, b2=0.98, weight_decay=weight_decay))
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "optimizer"), donate_argnames=("params", "opt_state"))
+def train_step(params: dict, opt_state: optax.OptState, tokens_bt: jax.Array, mask_bt: jax.Array, *,
+               cfg: LLMConfig, optimizer: optax.GradientTransformation):
+    """One AdamW step. Returns (params, opt_state, loss)."""
+    loss, grads = jax.value_and_grad(next_token_loss)(params, cfg, tokens_bt, mask_bt)
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+
+def batches(examples: list[tuple[list[int], list[int]]], batch_size: int, seq_len: int,
+            seed: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Endless shuffled fixed-shape batches of (tokens, target mask) from (ids, mask) examples."""
+    rng = np.random.default_rng(seed)
+    while True:
+        order = rng.permutation(len(examples))
+        for start in range(0, len(order) - batch_size + 1, batch_size):
+            tokens = np.zeros((batch_size, seq_len), np.int32)
+            mask = np.zeros((batch_size, seq_len), np.float32)
+            for row, i in enumerate(order[start:start + batch_size]):
+                ids, m = examples[i]
+                n = min(len(ids), seq_len)
+                tokens[row, :n], mask[row, :n] = ids[:n], m[:n]
+            yield tokens, mask

@@ -1,0 +1,59 @@
+"""Run configs (file.py:variant + overrides) resolve into the frozen model dataclasses."""
+
+import dataclasses
+
+import pytest
+
+from fo_jax.config import load_config, model_config
+from fo_jax.errors import ConfigError
+from fo_jax.models.configs import LLMConfig
+
+
+def test_freeze_omni_preset_has_the_released_dimensions():
+    cfg = model_config(load_config("configs/freeze_omni.py:freeze_omni"))
+    llm = cfg.llm
+    assert (llm.hidden_size, llm.num_layers, llm.num_heads, llm.num_kv_heads, llm.head_dim) == (3584, 28, 28, 4, 128)
+    assert (llm.vocab_size, llm.intermediate_size, llm.rope_theta) == (152064, 18944, 1e6)
+    assert (cfg.encoder.hidden_size, cfg.encoder.num_layers, cfg.encoder.num_heads) == (1024, 24, 16)
+    assert (cfg.adapter.output_dim, cfg.adapter.prompt_num) == (3584, 25)
+    assert (cfg.decoder.hidden_size, cfg.decoder.num_layers, cfg.decoder.num_heads) == (896, 4, 14)
+    assert cfg.codec.samples_per_token == 600 and cfg.codec.sample_rate == 24000
+    assert 151645 in llm.eos_token_ids
+
+
+def test_tiny_preset_and_overrides():
+    cfg = model_config(load_config("configs/freeze_omni.py:tiny", ["model.llm.num_layers=3",
+                                                                   "model.llm.dtype=bfloat16"]))
+    assert cfg.llm.num_layers == 3 and cfg.llm.dtype == "bfloat16" and cfg.llm.hidden_size == 64
+    hash(cfg)  # hashable: usable as a static jit argument
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.llm.num_layers = 4
+
+
+@pytest.mark.parametrize("spec, overrides, match", [
+    ("configs/nope.py:tiny", [], "config file not found"),
+    ("configs/freeze_omni.py:huge", [], "unknown variant 'huge'"),
+    ("configs/freeze_omni.py:tiny", ["model.llm.nope=1"], "no field 'nope'"),
+    ("configs/freeze_omni.py:tiny", ["model.llm.num_layers"], "not key=value"),
+])
+def test_config_errors_are_one_line(spec, overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(spec, overrides)
+
+
+def test_llm_config_validation():
+    with pytest.raises(ConfigError, match="num_heads"):
+        LLMConfig(num_heads=5, num_kv_heads=2)
+    with pytest.raises(ConfigError, match="unknown field"):
+        LLMConfig.from_dict({"hidden": 3})
+    with pytest.raises(ConfigError, match="rope type 'yarn'"):
+        LLMConfig.from_hf({"model_type": "qwen2", "rope_scaling": {"type": "yarn"}})
+
+
+def test_hf_config_round_trip():
+    cfg = LLMConfig(vocab_size=1000, hidden_size=64, intermediate_size=96, num_layers=3, num_heads=4,
+                    num_kv_heads=1, head_dim=16, tie_word_embeddings=True, eos_token_ids=(7,))
+    assert LLMConfig.from_hf(cfg.to_hf()) == cfg
+    legacy = cfg.to_hf() | {"rope_theta": 5e5}
+    del legacy["rope_parameters"]
+    assert LLMConfig.from_hf(legacy).rope_theta == 5e5
