@@ -16,6 +16,7 @@ import optax
 
 from fo_jax.models.configs import LLMConfig
 from fo_jax.models.qwen2 import Qwen2
+from fo_jax.training import optim
 
 
 def next_token_loss(params: dict, cfg: LLMConfig, tokens_bt: jax.Array, mask_bt: jax.Array) -> jax.Array:
@@ -31,12 +32,10 @@ def next_token_loss(params: dict, cfg: LLMConfig, tokens_bt: jax.Array, mask_bt:
     return jnp.sum(nll * weights) / jnp.maximum(jnp.sum(weights), 1.0)
 
 
-def make_optimizer(lr: float, steps: int, warmup: int = 50, weight_decay: float = 0.01,
-                   clip: float = 1.0) -> optax.GradientTransformation:
-    schedule = optax.warmup_cosine_decay_schedule(0.0, lr, min(warmup, max(steps - 1, 1)), max(steps, 2),
-                                                  end_value=lr * 0.05)
-    return optax.chain(optax.clip_by_global_norm(clip),
-                       optax.adamw(schedule, b1=0.9, b2=0.98, weight_decay=weight_decay))
+def make_optimizer(lr: float, steps: int, warmup: int = 50) -> optax.GradientTransformation:
+    """AdamW with warm-up + cosine decay for a short from-scratch LM run."""
+    return optim.make_optimizer(optim.OptimizerConfig(lr=lr, schedule="cosine", warmup_steps=warmup,
+                                                      total_steps=steps, b2=0.98, eps=1e-8, clip_norm=1.0))
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "optimizer"), donate_argnames=("params", "opt_state"))

@@ -1,0 +1,64 @@
+"""Optimizers and learning-rate schedules for every stage (AdamW + warm-up + decay + clipping)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+import jax.numpy as jnp
+import optax
+
+from fo_jax.errors import ConfigError
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+    """AdamW settings. Defaults: the released speech-in stage-3 run (lr 6e-4, betas 0.9/0.99,
+    eps 1e-6, weight decay 0.01, warm-up 200, clip 5).
+
+    schedule: 'warmuplr' (ESPnet/WeNet inverse-sqrt after linear warm-up, peak ``lr`` at
+    ``warmup_steps``), 'cosine' (linear warm-up, cosine decay to ``end_lr_ratio * lr`` at
+    ``total_steps``) or 'constant' (linear warm-up, then flat).
+    """
+
+    lr: float = 6e-4
+    schedule: str = "warmuplr"
+    warmup_steps: int = 200
+    total_steps: int = 10_000
+    end_lr_ratio: float = 0.05
+    b1: float = 0.9
+    b2: float = 0.99
+    eps: float = 1e-6
+    weight_decay: float = 0.01
+    clip_norm: float = 5.0
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> "OptimizerConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise ConfigError(f"OptimizerConfig: unknown field(s) {unknown}")
+        return cls(**values)
+
+
+def learning_rate(cfg: OptimizerConfig) -> optax.Schedule:
+    warmup = max(cfg.warmup_steps, 1)
+    if cfg.schedule == "warmuplr":
+        def schedule(step):
+            step = jnp.asarray(step, jnp.float32) + 1.0
+            return cfg.lr * jnp.minimum(step / warmup, jnp.sqrt(warmup / step))
+        return schedule
+    if cfg.schedule == "cosine":
+        return optax.warmup_cosine_decay_schedule(0.0, cfg.lr, min(warmup, max(cfg.total_steps - 1, 1)),
+                                                  max(cfg.total_steps, 2), end_value=cfg.lr * cfg.end_lr_ratio)
+    if cfg.schedule == "constant":
+        return optax.join_schedules([optax.linear_schedule(0.0, cfg.lr, warmup), optax.constant_schedule(cfg.lr)],
+                                    [warmup])
+    raise ConfigError(f"unknown schedule {cfg.schedule!r}; expected warmuplr, cosine or constant")
+
+
+def make_optimizer(cfg: OptimizerConfig) -> optax.GradientTransformation:
+    """Gradient clipping by global norm, then AdamW on the given schedule."""
+    return optax.chain(optax.clip_by_global_norm(cfg.clip_norm),
+                       optax.adamw(learning_rate(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+                                   weight_decay=cfg.weight_decay))

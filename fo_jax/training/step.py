@@ -1,0 +1,43 @@
+"""The generic train step of a stage: gradients and optimizer updates for the trainable tree only.
+
+``loss_fn(params, batch, rng) -> (loss, metrics)`` sees the merged tree; the frozen part enters it
+under ``jax.lax.stop_gradient`` (no weight gradients are formed for it), while activations still
+carry gradients *through* frozen layers to upstream trainables (speech-in stages 2 and 3).
+The trainable tree and optimizer state are donated; the frozen tree never is.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import optax
+
+from fo_jax.training.freeze import merge
+
+LossFn = Callable[[dict, Any, jax.Array], tuple[jax.Array, dict]]
+
+
+def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation,
+                    in_shardings: Any = None, out_shardings: Any = None):
+    """Returns jitted ``step(trainable, opt_state, frozen, batch, rng) -> (trainable, opt_state, metrics)``.
+
+    ``metrics`` holds the loss_fn's metrics plus ``loss`` and ``grad_norm`` (before clipping).
+    Shardings, when given, are passed to ``jax.jit`` for the five inputs / three outputs.
+    """
+
+    def step(trainable, opt_state, frozen, batch, rng):
+        def objective(t):
+            return loss_fn(merge(t, jax.tree.map(jax.lax.stop_gradient, frozen)), batch, rng)
+
+        (loss, metrics), grads = jax.value_and_grad(objective, has_aux=True)(trainable)
+        updates, opt_state = optimizer.update(grads, opt_state, trainable)
+        trainable = optax.apply_updates(trainable, updates)
+        return trainable, opt_state, dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads))
+
+    kwargs = {}
+    if in_shardings is not None:
+        kwargs["in_shardings"] = in_shardings
+    if out_shardings is not None:
+        kwargs["out_shardings"] = out_shardings
+    return jax.jit(step, donate_argnums=(0, 1), **kwargs)
