@@ -69,9 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fo-jax", description="Freeze-Omni in JAX/Flax")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_generate(sub)
-    from fo_jax.cli import smoke
+    from fo_jax.cli import smoke, train
 
     smoke.add_parser(sub)
+    train.add_parser(sub)
     return parser
 
 

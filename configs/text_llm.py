@@ -1,0 +1,44 @@
+"""Stage ``text_lm``: causal-LM training of a Qwen2 text model on a JSONL manifest of
+``{"messages": [...]}`` (ChatML; loss on assistant turns) or ``{"text": ...}`` records.
+
+Variants: ``tiny`` (CPU seconds; the toy world's LLM) and ``qwen2_0_5b`` (fine-tune a loaded HF
+Qwen2 directory given as ``stage.init_from``; attention and MLP train, embeddings stay frozen).
+Required overrides: ``stage.manifest=...`` and ``stage.tokenizer=...`` (a HF tokenizer directory).
+"""
+
+import ml_collections
+
+from fo_jax.config import load_config
+
+
+def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
+    if variant not in ("tiny", "qwen2_0_5b"):
+        raise ValueError(f"unknown variant {variant!r}; expected tiny or qwen2_0_5b")
+    model = load_config(f"configs/freeze_omni.py:{variant}").model.to_dict()
+    steps = ml_collections.FieldReference(500)  # shared: overriding stage.steps moves the schedule too
+    cfg = ml_collections.ConfigDict({
+        "model": {"llm": model["llm"]},
+        "stage": {
+            "name": "text_lm",
+            "manifest": "",
+            "tokenizer": "",
+            "init_from": "",
+            "manifest_policy": "skip",
+            "trainable": [".*"],
+            "steps": steps,
+            "batch_size": 32,
+            "seq_len": 64,
+            "log_every": 10,
+            "save_every": 100,
+            "keep": 2,
+        },
+        "optimizer": {"lr": 3e-3, "schedule": "cosine", "warmup_steps": 50, "total_steps": steps,
+                      "b1": 0.9, "b2": 0.98, "eps": 1e-8, "weight_decay": 0.01, "clip_norm": 1.0},
+        "mesh": {"shape": (-1, 1, 1)},
+        "seed": 0,
+    })
+    if variant == "qwen2_0_5b":
+        cfg.stage.update(trainable=[r"/self_attn/", r"/mlp/"], batch_size=8, seq_len=512)
+        cfg.stage.steps = 2000
+        cfg.optimizer.update(lr=2e-5, warmup_steps=100)
+    return cfg

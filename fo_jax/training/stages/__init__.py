@@ -1,0 +1,46 @@
+"""Training stages: each says how to build its params, its loss and its data.
+
+``STAGES`` maps a run config's ``stage.name`` to a builder ``(config) -> Stage``. Importing is lazy
+so that a stage's heavy dependencies load only when it runs.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any, Iterator, Protocol
+
+import jax
+import ml_collections
+
+from fo_jax.errors import ConfigError
+
+# stage name -> "module:builder"
+STAGES = {
+    "text_lm": "fo_jax.training.stages.text_lm:build",
+}
+
+
+class Stage(Protocol):
+    """What the trainer needs from a stage."""
+
+    trainable: tuple[str, ...]  # path regexes of the params that train; the rest is frozen
+
+    def init_boxed(self, rng: jax.Array) -> dict:
+        """Params with logical axis names (``nn.LogicallyPartitioned``); traced by ``eval_shape``."""
+
+    def load_params(self, rng: jax.Array) -> dict:
+        """The starting params (random and/or loaded from pretrained sources), plain arrays."""
+
+    def loss(self, params: dict, batch: dict, rng: jax.Array) -> tuple[jax.Array, dict]:
+        """Scalar loss and metrics on one global batch."""
+
+    def dataset(self, seed: int) -> Iterator[dict]:
+        """This process's batches; the iterator has ``get_state()`` / ``set_state()``."""
+
+
+def build_stage(cfg: ml_collections.ConfigDict) -> Any:
+    name = cfg.stage.name
+    if name not in STAGES:
+        raise ConfigError(f"unknown stage {name!r}; expected one of {sorted(STAGES)}")
+    module, _, fn = STAGES[name].partition(":")
+    return getattr(importlib.import_module(module), fn)(cfg)

@@ -1,0 +1,159 @@
+"""The training loop shared by every stage: sharded, checkpointed, resumable, preemption-safe.
+
+``train(cfg, workdir)`` builds the stage, places its params on the mesh, splits them into
+trainable and frozen trees, resumes from ``workdir/checkpoints`` when a checkpoint exists (checking
+that the frozen weights are bitwise the ones it was trained against), and runs the jitted step
+with a progress bar. Metrics go to ``workdir/metrics.jsonl``. SIGTERM (preemption) saves a
+checkpoint at once and stops; rerunning the same command continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import flax.linen as nn
+import jax
+import ml_collections
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+from tqdm import tqdm
+
+from fo_jax import sharding
+from fo_jax.errors import FoJaxError
+from fo_jax.training import distributed
+from fo_jax.training.checkpoint import TrainCheckpointer
+from fo_jax.training.freeze import fingerprint, split_trainable
+from fo_jax.training.optim import OptimizerConfig, make_optimizer
+from fo_jax.training.stages import build_stage
+from fo_jax.training.step import make_train_step
+
+
+class _Preemption:
+    """Turns SIGTERM into a flag the loop checks between steps."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def restore(self):
+        signal.signal(signal.SIGTERM, self._previous)
+
+
+def _on_mesh(sharding_tree: Any, mesh) -> Any:
+    """Shardings chosen by XLA for optimizer state, with scalar counters replicated on the mesh
+    (jit leaves them committed to one device, which the train step would reject)."""
+    replicated = NamedSharding(mesh, P())
+    return jax.tree.map(lambda sh: sh if isinstance(sh, NamedSharding) else replicated, sharding_tree)
+
+
+def _init_optimizer(optimizer, trainable, mesh):
+    compiled = jax.jit(optimizer.init).lower(trainable).compile()
+    shardings = _on_mesh(compiled.output_shardings, mesh)
+    return jax.jit(optimizer.init, out_shardings=shardings), shardings
+
+
+def _setup(cfg: ml_collections.ConfigDict):
+    distributed.initialize()
+    mesh = sharding.make_mesh(tuple(cfg.get("mesh", {}).get("shape", (-1, 1, 1))))
+    stage = build_stage(cfg)
+    rng = jax.random.key(cfg.get("seed", 0))
+    shardings = sharding.param_shardings(jax.eval_shape(stage.init_boxed, rng), mesh)
+    optimizer = make_optimizer(OptimizerConfig.from_dict(cfg.optimizer.to_dict()))
+    step_fn = make_train_step(stage.loss, optimizer)
+    return mesh, stage, rng, shardings, optimizer, step_fn
+
+
+def train(cfg: ml_collections.ConfigDict, workdir: str, max_steps: int | None = None,
+          progress: bool = True) -> dict[str, Any]:
+    """Trains ``cfg.stage.steps`` steps in total (or stops after ``max_steps`` more). Returns a summary."""
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    mesh, stage, rng, shardings, optimizer, step_fn = _setup(cfg)
+    params = jax.device_put(stage.load_params(rng), shardings)
+    trainable, frozen = split_trainable(params, stage.trainable)
+    frozen_print = fingerprint(frozen)
+    opt_state = _init_optimizer(optimizer, trainable, mesh)[0](trainable)
+    data = stage.dataset(cfg.get("seed", 0))
+    iterator = iter(data)
+    checkpointer = TrainCheckpointer(workdir, save_every=cfg.stage.get("save_every", 1000),
+                                     keep=cfg.stage.get("keep", 3))
+    start, rng = 0, jax.random.fold_in(rng, 1)
+    if checkpointer.latest_step() is not None:
+        start, trainable, opt_state, rng, data_state, meta = checkpointer.restore(trainable, opt_state)
+        if meta["frozen_fingerprint"] != frozen_print:
+            raise FoJaxError(f"{checkpointer.directory}: the frozen weights differ from the ones this run "
+                             f"was trained against (fingerprint {meta['frozen_fingerprint'][:12]}...)")
+        iterator.set_state(data_state)
+    meta = {"config": cfg.to_dict(), "frozen_fingerprint": frozen_print}
+    total = cfg.stage.steps if max_steps is None else min(cfg.stage.steps, start + max_steps)
+    log_every = cfg.stage.get("log_every", 10)
+    preemption = _Preemption()
+    metrics_file = open(workdir / "metrics.jsonl", "a")
+    step, last, tic = start, {}, time.time()
+    try:
+        with tqdm(total=cfg.stage.steps, initial=start, desc=cfg.stage.name, unit="step",
+                  disable=not progress or jax.process_index() != 0) as bar:
+            while step < total and not preemption.requested:
+                batch = distributed.global_batch(next(iterator), mesh)
+                trainable, opt_state, metrics = step_fn(trainable, opt_state, frozen, batch,
+                                                        jax.random.fold_in(rng, step))
+                step += 1
+                bar.update(1)
+                if step % log_every == 0 or step == total:
+                    last = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                    rate = log_every / max(time.time() - tic, 1e-9)
+                    tic = time.time()
+                    bar.set_postfix(loss=f"{last['loss']:.4f}", steps_per_s=f"{rate:.1f}")
+                    metrics_file.write(json.dumps({"step": step, **last}) + "\n")
+                    metrics_file.flush()
+                checkpointer.save(step, trainable, opt_state, rng, iterator.get_state(), meta,
+                                  force=step == total or preemption.requested)
+    finally:
+        metrics_file.close()
+        checkpointer.close()
+        preemption.restore()
+    return {"step": step, "preempted": preemption.requested, "metrics": last,
+            "frozen_fingerprint": frozen_print, "trainable": trainable, "frozen": frozen,
+            "rejected": getattr(stage, "rejected", [])}
+
+
+def compile_only(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
+    """Lowers and compiles the train step for the configured mesh from abstract inputs only.
+
+    Returns per-device bytes: params (trainable + frozen), optimizer state, batch, and XLA's
+    temporary memory, from the compiled executable's memory analysis.
+    """
+    mesh, stage, rng, shardings, optimizer, step_fn = _setup(cfg)
+    abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                            jax.eval_shape(lambda r: nn.unbox(stage.init_boxed(r)), rng),
+                            shardings)
+    trainable, frozen = split_trainable(abstract, stage.trainable)
+    opt_state = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                             jax.eval_shape(optimizer.init, trainable),
+                             _init_optimizer(optimizer, trainable, mesh)[1])
+    example = next(iter(stage.dataset(0)))
+    batch = {k: jax.ShapeDtypeStruct((v.shape[0] * jax.process_count(),) + v.shape[1:], v.dtype,
+                                     sharding=NamedSharding(mesh, distributed.batch_spec(v.ndim)))
+             for k, v in example.items()}
+    compiled = step_fn.lower(trainable, opt_state, frozen, batch, rng).compile()
+    analysis = compiled.memory_analysis()
+
+    def per_device(tree):
+        return int(sum(np.prod(x.sharding.shard_shape(x.shape)) * np.dtype(x.dtype).itemsize
+                       for x in jax.tree.leaves(tree)))
+
+    return {"mesh": dict(mesh.shape), "devices": int(mesh.size),
+            "trainable_params": int(sum(np.prod(x.shape) for x in jax.tree.leaves(trainable))),
+            "frozen_params": int(sum(np.prod(x.shape) for x in jax.tree.leaves(frozen))),
+            "per_device_bytes": {"trainable": per_device(trainable), "frozen": per_device(frozen),
+                                 "optimizer": per_device(opt_state), "batch": per_device(batch),
+                                 "temp": int(getattr(analysis, "temp_size_in_bytes", 0)),
+                                 "arguments": int(getattr(analysis, "argument_size_in_bytes", 0)),
+                                 "outputs": int(getattr(analysis, "output_size_in_bytes", 0))}}

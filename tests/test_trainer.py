@@ -1,0 +1,106 @@
+"""``fo-jax train`` on the text_lm stage: exact resume, manifest problems reported, compile-only."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from fo_jax.cli.main import main
+from fo_jax.config import load_config
+from fo_jax.data.manifest import ManifestError, read_manifest, write_manifest
+from fo_jax.text.tokenizer import chatml, train_bpe_tokenizer
+from fo_jax.training import trainer
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("corpus")
+    records = [{"messages": [{"role": "user", "content": f"what is {a} plus {b}?"},
+                             {"role": "assistant", "content": f"{a + b}"}]} for a in range(6) for b in range(6)]
+    records += [{"text": "plain text counts too."}]
+    write_manifest(root / "train.jsonl", records)
+    with open(root / "train.jsonl", "a") as f:
+        f.write('{"messages": []}\n{not json\n{"text": ""}\n')
+    tok = train_bpe_tokenizer([chatml(r["messages"]) for r in records[:-1]], vocab_size=300)
+    tok.save_pretrained(root / "tok")
+    return root
+
+
+def _overrides(corpus, steps):
+    return [f"stage.manifest={corpus / 'train.jsonl'}", f"stage.tokenizer={corpus / 'tok'}",
+            f"stage.steps={steps}", "stage.batch_size=8", "stage.seq_len=32", "stage.log_every=1",
+            "stage.save_every=3", "model.llm.num_layers=1"]
+
+
+def _losses(workdir):
+    return [json.loads(l)["loss"] for l in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_resume_is_exact_and_data_order_identical(tmp_path, corpus):
+    cfg = load_config("configs/text_llm.py:tiny", _overrides(corpus, 6))
+    straight = trainer.train(cfg, tmp_path / "a", progress=False)
+    first = trainer.train(cfg, tmp_path / "b", max_steps=3, progress=False)
+    assert first["step"] == 3
+    resumed = trainer.train(cfg, tmp_path / "b", progress=False)  # a new run picks up at step 3
+    assert resumed["step"] == straight["step"] == 6
+    jax.tree.map(np.testing.assert_array_equal, resumed["trainable"], straight["trainable"])
+    assert _losses(tmp_path / "b") == _losses(tmp_path / "a")  # same batches in the same order
+    assert len(straight["rejected"]) == 3
+    assert any(r.endswith("train.jsonl:38: empty message") for r in straight["rejected"])
+    assert any("train.jsonl:39: not valid JSON" in r for r in straight["rejected"])
+
+
+def test_frozen_weights_are_bitwise_unchanged(tmp_path, corpus):
+    cfg = load_config("configs/text_llm.py:tiny", _overrides(corpus, 4) + ['stage.trainable=["^layers_0/mlp/"]'])
+    before = trainer.train(cfg, tmp_path, max_steps=0, progress=False)["frozen_fingerprint"]
+    summary = trainer.train(cfg, tmp_path, progress=False)
+    assert summary["frozen_fingerprint"] == before
+    assert list(summary["trainable"]) == ["layers_0"] and list(summary["trainable"]["layers_0"]) == ["mlp"]
+
+
+def test_strict_manifest_policy_rejects(tmp_path, corpus):
+    with pytest.raises(ManifestError, match=r"train.jsonl:39: not valid JSON"):
+        read_manifest(corpus / "train.jsonl", policy="strict")
+    with pytest.raises(ManifestError, match=r"train.jsonl:37: missing or empty field\(s\) \['messages'\]"):
+        read_manifest(corpus / "train.jsonl", required=["messages"], policy="strict")
+    with pytest.raises(ManifestError, match="manifest not found"):
+        read_manifest(tmp_path / "nope.jsonl")
+
+
+def test_cli_train_and_compile_only(tmp_path, corpus, capsys):
+    args = ["train", "--config", "configs/text_llm.py:tiny", "--workdir", str(tmp_path)]
+    for o in _overrides(corpus, 2):
+        args += ["--set", o]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "step 2: done" in out and "skipped" in out
+    assert main(args[:3] + args[5:] + ["--compile-only"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    sizes = report["per_device_bytes"]
+    # Adam: two moments per trainable leaf plus scalar step counters.
+    assert report["devices"] == 1 and 0 <= sizes["optimizer"] - 2 * sizes["trainable"] <= 64
+    assert sizes["temp"] > 0
+
+
+def test_compile_only_on_8_fake_devices_shards_the_state(corpus):
+    script = (
+        "import json, sys\n"
+        "from fo_jax.config import load_config\n"
+        "from fo_jax.training import trainer\n"
+        f"cfg = load_config('configs/text_llm.py:tiny', {_overrides(corpus, 2)!r} + ['mesh.shape=(2, 2, 2)'])\n"
+        "print('REPORT', json.dumps(trainer.compile_only(cfg)))\n")
+    env = dict(os.environ, PYTHONPATH=str(ROOT), XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    r = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    report = json.loads([l for l in r.stdout.splitlines() if l.startswith("REPORT")][-1][7:])
+    assert report["devices"] == 8 and report["mesh"] == {"data": 2, "fsdp": 2, "tensor": 2}
+    total_param_bytes = 4 * report["trainable_params"]
+    # fsdp x tensor sharding: each device holds well under the whole model.
+    assert report["per_device_bytes"]["trainable"] < total_param_bytes / 2
