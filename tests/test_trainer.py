@@ -81,6 +81,7 @@ def test_cli_train_and_compile_only(tmp_path, corpus, capsys):
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "step 2: done" in out and "skipped" in out
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
     assert main(args[:3] + args[5:] + ["--compile-only"]) == 0
     report = json.loads(capsys.readouterr().out)
     sizes = report["per_device_bytes"]

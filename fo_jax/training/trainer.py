@@ -5,6 +5,7 @@ trainable and frozen trees, resumes from ``workdir/checkpoints`` when a checkpoi
 that the frozen weights are bitwise the ones it was trained against), and runs the jitted step
 with a progress bar. Metrics go to ``workdir/metrics.jsonl``. SIGTERM (preemption) saves a
 checkpoint at once and stops; rerunning the same command continues where it stopped.
+TensorBoard scalars go to ``workdir/tensorboard``.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import jax
 import ml_collections
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
+from tensorboardX import SummaryWriter
 from tqdm import tqdm
 
 from fo_jax import sharding
@@ -96,6 +98,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, max_steps: int | None = 
     log_every = cfg.stage.get("log_every", 10)
     preemption = _Preemption()
     metrics_file = open(workdir / "metrics.jsonl", "a")
+    board = SummaryWriter(str(workdir / "tensorboard")) if jax.process_index() == 0 else None
     step, last, tic = start, {}, time.time()
     try:
         with tqdm(total=cfg.stage.steps, initial=start, desc=cfg.stage.name, unit="step",
@@ -113,10 +116,16 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, max_steps: int | None = 
                     bar.set_postfix(loss=f"{last['loss']:.4f}", steps_per_s=f"{rate:.1f}")
                     metrics_file.write(json.dumps({"step": step, **last}) + "\n")
                     metrics_file.flush()
+                    if board is not None:
+                        for name, value in last.items():
+                            board.add_scalar(f"train/{name}", value, step)
+                        board.add_scalar("train/steps_per_second", rate, step)
                 checkpointer.save(step, trainable, opt_state, rng, iterator.get_state(), meta,
                                   force=step == total or preemption.requested)
     finally:
         metrics_file.close()
+        if board is not None:
+            board.close()
         checkpointer.close()
         preemption.restore()
     return {"step": step, "preempted": preemption.requested, "metrics": last,
