@@ -11,3 +11,7 @@ class ConfigError(FoJaxError, ValueError):
 
 class LoadError(FoJaxError):
     """A checkpoint, config or tokenizer directory that cannot be loaded."""
+
+
+class AudioError(FoJaxError, ValueError):
+    """Audio input that cannot be used: unreadable, empty, non-audio, or at an unusable sample rate."""
