@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import optax
 
 from fo_jax.errors import ConfigError
+from fo_jax.models.configs import dataclass_from_dict
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,11 +35,7 @@ class OptimizerConfig:
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> "OptimizerConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - names)
-        if unknown:
-            raise ConfigError(f"OptimizerConfig: unknown field(s) {unknown}")
-        return cls(**values)
+        return dataclass_from_dict(cls, values)
 
 
 def learning_rate(cfg: OptimizerConfig) -> optax.Schedule:
