@@ -1,0 +1,87 @@
+"""Speech examples: audio -> Kaldi fbank (+ SpecAugment), bucketed into a few fixed padded shapes.
+
+Batches are planned up front: records are grouped by length into buckets, each bucket is cut into
+batches, and the list of batches is what grain shuffles and repeats. The iterator's state is then
+just an index, so a resumed run sees exactly the batches a straight run would, and every batch has
+one of ``len(boundaries)`` shapes (one compilation of the train step each).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import grain
+import jax
+import numpy as np
+
+from fo_jax.audio.fbank import fbank, num_frames
+from fo_jax.audio.io import audio_info, load_audio
+from fo_jax.data.augment import SpecAugmentConfig, spec_augment
+from fo_jax.data.bucketing import bucket_for, pad_to
+from fo_jax.data.manifest import resolve
+
+
+def record_frames(record: dict, base: Path) -> int:
+    """Fbank frames of a manifest record's audio at 16 kHz (from ``duration`` when the record has it)."""
+    if "duration" in record:
+        return num_frames(int(round(float(record["duration"]) * 16000)))
+    frames, rate, _ = audio_info(resolve(record["audio"], base))
+    return num_frames(int(np.ceil(frames * 16000 / rate)))
+
+
+def load_features(record: dict, base: Path) -> np.ndarray:
+    """(T, 80) float32 log-mel fbank of the record's audio (16 kHz, int16 scale, before CMVN)."""
+    audio, _ = load_audio(resolve(record["audio"], base), 16000)
+    return fbank(audio)
+
+
+def plan_batches(lengths: Sequence[int], boundaries: Sequence[int], batch_size: int,
+                 seed: int) -> tuple[list[tuple[int, list[int]]], list[int]]:
+    """Groups example indices into (bucket, indices) batches; returns (batches, dropped indices).
+
+    Examples longer than the last boundary are dropped (reported by the caller). Within a bucket
+    the order is shuffled by ``seed``; incomplete last batches are dropped.
+    """
+    rng = np.random.default_rng(seed)
+    buckets: dict[int, list[int]] = {b: [] for b in boundaries}
+    dropped = []
+    for i, n in enumerate(lengths):
+        if n > boundaries[-1] or n <= 0:
+            dropped.append(i)
+        else:
+            buckets[bucket_for(n, boundaries)].append(i)
+    batches = []
+    for bucket, idx in buckets.items():
+        idx = list(rng.permutation(idx))
+        batches += [(bucket, [int(i) for i in idx[s:s + batch_size]])
+                    for s in range(0, len(idx) - batch_size + 1, batch_size)]
+    return batches, dropped
+
+
+def bucketed_dataset(batches: Sequence[tuple[int, list[int]]],
+                     make_batch: Callable[[int, list[int], np.random.Generator], dict[str, np.ndarray]],
+                     seed: int) -> grain.IterDataset:
+    """Shuffled, endlessly repeated planned batches, each built by ``make_batch(bucket, indices, rng)``.
+
+    The rng is derived from (seed, position in the stream), so augmentation is reproducible on resume.
+    Multi-process: each process builds the batches at its own positions.
+    """
+    ds = grain.MapDataset.source(list(batches)).shuffle(seed=seed).repeat(None)
+    if jax.process_count() > 1:
+        ds = ds[jax.process_index()::jax.process_count()]
+    ds = ds.map_with_index(lambda i, b: make_batch(b[0], b[1], np.random.default_rng([seed, i])))
+    return ds.to_iter_dataset()
+
+
+def feature_batch(records: Sequence[dict], base: Path, bucket: int, indices: Sequence[int],
+                  rng: np.random.Generator, augment: SpecAugmentConfig | None) -> dict[str, Any]:
+    """{'feats': (B, bucket, 80), 'feat_lengths': (B,)} for the records at ``indices``."""
+    feats, lengths = [], []
+    for i in indices:
+        f = load_features(records[i], base)[:bucket]
+        if augment is not None:
+            f = spec_augment(f, rng, augment)
+        feats.append(pad_to(f, bucket))
+        lengths.append(len(f))
+    return {"feats": np.stack(feats).astype(np.float32), "feat_lengths": np.asarray(lengths, np.int32)}
