@@ -17,15 +17,21 @@ def _freeze_omni() -> ml_collections.ConfigDict:
                         tie_word_embeddings=False, max_position_embeddings=32768,
                         eos_token_ids=(151645, 151643), dtype="bfloat16", param_dtype="bfloat16"),
             "encoder": dict(input_dim=80, hidden_size=1024, num_layers=24, num_heads=16, ffn_size=4096,
-                            chunk_size=4, left_chunks=16, dropout=0.1, ctc_vocab_size=5538),
+                            chunk_size=4, left_chunks=16, dropout=0.1, positional_dropout=0.1,
+                            attention_dropout=0.0, ctc_vocab_size=5538),
             "adapter": dict(kind="subsampling", input_dim=1024, output_dim=3584, kernel_size=5,
-                            activation="gelu", norm="layer", prompt_num=25, num_states=4, task_num=20),
+                            activation="gelu", norm="layer", norm_eps=1e-3, prompt_num=25, num_states=4,
+                            task_num=20),
             "decoder": dict(hidden_size=896, num_layers=4, num_heads=14, num_kv_heads=14,
                             intermediate_size=4864, rms_norm_eps=1e-6, rope_theta=10000.0,
-                            max_position_embeddings=2048, codec_vocab_size=1024, top_k=2),
+                            max_position_embeddings=2048, codec_vocab_size=1024, llm_hidden_size=3584,
+                            use_prefix=True, top_k=2, penalty_window=-1, penalty=1.1, max_tokens=1000),
             "codec": dict(sample_rate=24000, upsample_rates=(8, 5, 5, 3),
-                          upsample_kernel_sizes=(16, 11, 11, 5), n_codes=1024, code_dim=512,
-                          global_codes=8, global_code_size=1024, global_code_dim=16),
+                          upsample_kernel_sizes=(16, 11, 11, 5), upsample_initial_channel=512,
+                          encoder_initial_channel=32, n_codes=1024, code_dim=512,
+                          global_codes=8, global_code_size=1024, global_code_dim=16,
+                          global_encoder_hidden=64,
+                          global_tokens=(473, 975, 419, 219, 565, 121, 550, 616)),
         },
         "seed": 0,
     })
@@ -39,6 +45,7 @@ def get_config(variant: str = "freeze_omni") -> ml_collections.ConfigDict:
         cfg.model.llm.update(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_layers=24,
                              num_heads=14, num_kv_heads=2, head_dim=64, tie_word_embeddings=True)
         cfg.model.adapter.output_dim = 896
+        cfg.model.decoder.llm_hidden_size = 896
         return cfg
     if variant == "tiny":
         cfg.model.llm.update(vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2,
@@ -47,7 +54,9 @@ def get_config(variant: str = "freeze_omni") -> ml_collections.ConfigDict:
         cfg.model.encoder.update(hidden_size=64, num_layers=2, num_heads=4, ffn_size=128, ctc_vocab_size=64)
         cfg.model.adapter.update(input_dim=64, output_dim=64, prompt_num=4)
         cfg.model.decoder.update(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=4,
-                                 intermediate_size=64)
-        cfg.model.codec.update(upsample_initial_channel=32, code_dim=16)
+                                 intermediate_size=64, llm_hidden_size=64)
+        # codebooks keep 1024 entries so tiny speech-decoder tokens stay valid codec tokens
+        cfg.model.codec.update(upsample_initial_channel=64, encoder_initial_channel=8, code_dim=128,
+                               resblock_kernel_sizes=(3, 5), global_code_dim=4, global_encoder_hidden=16)
         return cfg
     raise ValueError(f"unknown variant {variant!r}; expected freeze_omni, qwen2_0_5b or tiny")

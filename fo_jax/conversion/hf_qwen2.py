@@ -18,27 +18,27 @@ from fo_jax.errors import ConfigError, LoadError
 from fo_jax.models.configs import LLMConfig, to_dtype
 
 # Layouts: HF torch Linear weights are (out, in); ours are (in, ...out) as in flax.
-_Layout = tuple[Callable[[np.ndarray, LLMConfig], np.ndarray], Callable[[np.ndarray, LLMConfig], np.ndarray]]
+Layout = tuple[Callable[[np.ndarray, LLMConfig], np.ndarray], Callable[[np.ndarray, LLMConfig], np.ndarray]]
 
 
-def _heads(n: Callable[[LLMConfig], int]) -> _Layout:
+def _heads(n: Callable[[LLMConfig], int]) -> Layout:
     """q/k/v kernel: HF (N*H, D) <-> ours (D, N, H)."""
     return (lambda w, c: w.T.reshape(c.hidden_size, n(c), c.head_dim),
             lambda w, c: w.reshape(c.hidden_size, -1).T)
 
 
-def _head_bias(n: Callable[[LLMConfig], int]) -> _Layout:
+def _head_bias(n: Callable[[LLMConfig], int]) -> Layout:
     return (lambda w, c: w.reshape(n(c), c.head_dim), lambda w, c: w.reshape(-1))
 
 
-_T: _Layout = (lambda w, c: w.T, lambda w, c: w.T)
-_SAME: _Layout = (lambda w, c: w, lambda w, c: w)
-_O: _Layout = (lambda w, c: w.T.reshape(c.num_heads, c.head_dim, c.hidden_size),
+TRANSPOSE: Layout = (lambda w, c: w.T, lambda w, c: w.T)
+SAME: Layout = (lambda w, c: w, lambda w, c: w)
+_O: Layout = (lambda w, c: w.T.reshape(c.num_heads, c.head_dim, c.hidden_size),
                lambda w, c: w.reshape(-1, c.hidden_size).T)
 _Q, _KV = (lambda c: c.num_heads), (lambda c: c.num_kv_heads)
 
 # (HF name with {i} for the layer, our param path, layout)
-_LAYER_TABLE: list[tuple[str, str, _Layout]] = [
+LAYER_TABLE: list[tuple[str, str, Layout]] = [
     ("model.layers.{i}.self_attn.q_proj.weight", "layers_{i}/self_attn/q_proj/kernel", _heads(_Q)),
     ("model.layers.{i}.self_attn.q_proj.bias", "layers_{i}/self_attn/q_proj/bias", _head_bias(_Q)),
     ("model.layers.{i}.self_attn.k_proj.weight", "layers_{i}/self_attn/k_proj/kernel", _heads(_KV)),
@@ -46,24 +46,24 @@ _LAYER_TABLE: list[tuple[str, str, _Layout]] = [
     ("model.layers.{i}.self_attn.v_proj.weight", "layers_{i}/self_attn/v_proj/kernel", _heads(_KV)),
     ("model.layers.{i}.self_attn.v_proj.bias", "layers_{i}/self_attn/v_proj/bias", _head_bias(_KV)),
     ("model.layers.{i}.self_attn.o_proj.weight", "layers_{i}/self_attn/o_proj/kernel", _O),
-    ("model.layers.{i}.mlp.gate_proj.weight", "layers_{i}/mlp/gate_proj/kernel", _T),
-    ("model.layers.{i}.mlp.up_proj.weight", "layers_{i}/mlp/up_proj/kernel", _T),
-    ("model.layers.{i}.mlp.down_proj.weight", "layers_{i}/mlp/down_proj/kernel", _T),
-    ("model.layers.{i}.input_layernorm.weight", "layers_{i}/input_layernorm/scale", _SAME),
-    ("model.layers.{i}.post_attention_layernorm.weight", "layers_{i}/post_attention_layernorm/scale", _SAME),
+    ("model.layers.{i}.mlp.gate_proj.weight", "layers_{i}/mlp/gate_proj/kernel", TRANSPOSE),
+    ("model.layers.{i}.mlp.up_proj.weight", "layers_{i}/mlp/up_proj/kernel", TRANSPOSE),
+    ("model.layers.{i}.mlp.down_proj.weight", "layers_{i}/mlp/down_proj/kernel", TRANSPOSE),
+    ("model.layers.{i}.input_layernorm.weight", "layers_{i}/input_layernorm/scale", SAME),
+    ("model.layers.{i}.post_attention_layernorm.weight", "layers_{i}/post_attention_layernorm/scale", SAME),
 ]
-_TOP_TABLE: list[tuple[str, str, _Layout]] = [
-    ("model.embed_tokens.weight", "embed_tokens/embedding", _SAME),
-    ("model.norm.weight", "norm/scale", _SAME),
+_TOP_TABLE: list[tuple[str, str, Layout]] = [
+    ("model.embed_tokens.weight", "embed_tokens/embedding", SAME),
+    ("model.norm.weight", "norm/scale", SAME),
 ]
-_HEAD = ("lm_head.weight", "lm_head/kernel", _T)
+_HEAD = ("lm_head.weight", "lm_head/kernel", TRANSPOSE)
 
 
-def mapping_table(cfg: LLMConfig) -> list[tuple[str, str, _Layout]]:
+def mapping_table(cfg: LLMConfig) -> list[tuple[str, str, Layout]]:
     """Every (HF name, our path, layout) of a model with this config."""
     table = list(_TOP_TABLE)
     for i in range(cfg.num_layers):
-        table += [(h.format(i=i), o.format(i=i), f) for h, o, f in _LAYER_TABLE
+        table += [(h.format(i=i), o.format(i=i), f) for h, o, f in LAYER_TABLE
                   if cfg.qkv_bias or not h.endswith(".bias")]
     if not cfg.tie_word_embeddings:
         table.append(_HEAD)
@@ -86,7 +86,7 @@ def expected_shapes(cfg: LLMConfig) -> dict[str, tuple[int, ...]]:
     return {name: shapes[name] for name, _, _ in mapping_table(cfg)}
 
 
-def _set(tree: dict, path: str, value: Any) -> None:
+def set_path(tree: dict, path: str, value: Any) -> None:
     *parents, leaf = path.split("/")
     for p in parents:
         tree = tree.setdefault(p, {})
@@ -151,7 +151,7 @@ def load_hf_qwen2(path: str | os.PathLike, *, dtype: str | None = None,
         if tuple(array.shape) != expected[hf_name]:
             raise LoadError(f"{file}: tensor {hf_name!r} has shape {tuple(array.shape)}, "
                             f"config.json implies {expected[hf_name]}")
-        _set(params, ours, np.asarray(to_ours(array, cfg)).astype(out_dtype))
+        set_path(params, ours, np.asarray(to_ours(array, cfg)).astype(out_dtype))
     return cfg, params
 
 

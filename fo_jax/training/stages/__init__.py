@@ -17,6 +17,7 @@ from fo_jax.errors import ConfigError
 # stage name -> "module:builder"
 STAGES = {
     "text_lm": "fo_jax.training.stages.text_lm:build",
+    "speech_in_ctc": "fo_jax.training.stages.speech_in_ctc:build",
 }
 
 

@@ -1,0 +1,90 @@
+"""Stage ``speech_in_ctc`` (speech-in stage 1): speech encoder + CTC head on ASR pairs.
+
+Targets are characters (``fo_jax.text.char_vocab``; the official 5538-unit CTC vocabulary was not
+released). The global CMVN is estimated from the training audio at start-up and kept frozen;
+everything else in the encoder and the CTC head trains.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fo_jax.audio.cmvn import cmvn_from_stats
+from fo_jax.config import model_config
+from fo_jax.data.augment import SpecAugmentConfig
+from fo_jax.data.manifest import read_manifest
+from fo_jax.data.prepare import check_audio
+from fo_jax.data.speech import bucketed_dataset, feature_batch, load_features, plan_batches, record_frames
+from fo_jax.errors import ConfigError
+from fo_jax.models.ctc import ctc_logits, ctc_loss, init_ctc_params
+from fo_jax.models.encoder import encoder_forward, init_encoder_params
+from fo_jax.text.char_vocab import CharVocab
+
+
+class SpeechInCTCStage:
+    def __init__(self, cfg):
+        s = cfg.stage
+        if not s.get("manifest"):
+            raise ConfigError("stage.manifest is required (--set stage.manifest=PATH)")
+        self.trainable = tuple(s.trainable)
+        self.base = Path(s.manifest).resolve().parent
+        report: list[str] = []
+        self.records = read_manifest(s.manifest, required=["audio", "text"], validate=check_audio,
+                                     policy=s.get("manifest_policy", "skip"), report=report)
+        self.vocab = CharVocab.from_texts(r["text"] for r in self.records)
+        self.encoder = dataclasses.replace(model_config(cfg).encoder, ctc_vocab_size=len(self.vocab))
+        self.max_label = s.max_label_len
+        self.batch_size, self.boundaries = s.batch_size, tuple(s.buckets)
+        self.augment = SpecAugmentConfig(**s.spec_augment) if s.get("spec_augment") else None
+        lengths = [record_frames(r, self.base) for r in self.records]
+        lengths = [n if len(self.vocab.encode(r["text"])) <= self.max_label else -1
+                   for n, r in zip(lengths, self.records)]
+        self.batches, dropped = plan_batches(lengths, self.boundaries, self.batch_size // jax.process_count(),
+                                             cfg.get("seed", 0))
+        self.rejected = report + [f"{self.records[i]['audio']}: longer than the largest bucket or label limit"
+                                  for i in dropped]
+        if not self.batches:
+            raise ConfigError(f"{s.manifest}: too few usable utterances for one batch of {self.batch_size}")
+        self.cmvn_utterances = s.get("cmvn_utterances", 200)
+
+    def init_boxed(self, rng):
+        r1, r2 = jax.random.split(rng)
+        return {"encoder": init_encoder_params(self.encoder, r1), "ctc": init_ctc_params(self.encoder, r2)}
+
+    def load_params(self, rng):
+        params = nn.unbox(self.init_boxed(rng))
+        feats = np.concatenate([load_features(r, self.base) for r in self.records[: self.cmvn_utterances]])
+        sums = feats.astype(np.float64)
+        cmvn = cmvn_from_stats(sums.sum(0), (sums ** 2).sum(0), len(feats))
+        params["encoder"] = {**params["encoder"], "cmvn_mean": jnp.asarray(cmvn.mean),
+                             "cmvn_istd": jnp.asarray(cmvn.istd)}
+        return params
+
+    def loss(self, params, batch, rng):
+        enc, enc_lengths = encoder_forward(params["encoder"], self.encoder, batch["feats"], batch["feat_lengths"],
+                                           train=True, rng=rng)
+        logits = ctc_logits(params["ctc"], self.encoder, enc)
+        loss = ctc_loss(logits, enc_lengths, batch["labels"], batch["label_lengths"])
+        return loss, {"frames": jnp.sum(batch["feat_lengths"]).astype(jnp.float32)}
+
+    def make_batch(self, bucket, indices, rng):
+        batch = feature_batch(self.records, self.base, bucket, indices, rng, self.augment)
+        labels = np.zeros((len(indices), self.max_label), np.int32)
+        lengths = np.zeros(len(indices), np.int32)
+        for row, i in enumerate(indices):
+            ids = self.vocab.encode(self.records[i]["text"])
+            labels[row, : len(ids)], lengths[row] = ids, len(ids)
+        return batch | {"labels": labels, "label_lengths": lengths}
+
+    def dataset(self, seed):
+        return bucketed_dataset(self.batches, self.make_batch, seed)
+
+
+def build(cfg) -> SpeechInCTCStage:
+    return SpeechInCTCStage(cfg)
