@@ -1,6 +1,5 @@
 """AudioLLM composition: chat template ids, params, training forward, head conversion."""
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -109,7 +108,8 @@ def _official_state_dict(cfg, seed=0):
 def test_convert_heads_matches_the_official_modules():
     torch = pytest.importorskip("torch")
     heads, sd = _official_state_dict(TINY)
-    assert set(sd) == {k for k, _, _ in HEADS_TABLE} and {k: v.shape for k, v in sd.items()} == expected_head_shapes(TINY)
+    assert set(sd) == {k for k, _, _ in HEADS_TABLE}
+    assert {k: v.shape for k, v in sd.items()} == expected_head_shapes(TINY)
     converted, used = convert_heads(sd | {"encoder.other.weight": np.zeros(3)}, TINY)
     assert used == set(sd)
     params = tiny_params()
@@ -135,3 +135,50 @@ def test_convert_heads_errors_name_the_key():
     converted, used = convert_heads({k: v for k, v in sd.items() if not k.startswith("task")}, TINY)
     assert "task_embeddings.weight" not in used
     assert not np.any(converted["task_embeddings"]["embedding"])
+
+
+def _official_full_state_dict(cfg, seed=0):
+    """Random tensors under every official name of an AudioLLM with this config (LLM included)."""
+    from fo_jax.conversion import hf_qwen2, official_audiollm as oa
+
+    rng = np.random.default_rng(seed)
+    shapes = dict(oa.encoder_shapes(cfg.encoder))
+    shapes.update({entry[0]: entry[-1] for entry in oa.adapter_table(cfg.adapter)})  # (name, ..., shape)
+    shapes.update(expected_head_shapes(cfg))
+    shapes.update({"llm_decoder." + k: s for k, s in hf_qwen2.expected_shapes(cfg.llm).items()})
+    return {k: rng.normal(size=s).astype(np.float32) for k, s in shapes.items()}
+
+
+def test_convert_whole_audiollm_gives_our_param_tree():
+    from fo_jax.conversion.official_audiollm_heads import convert_audiollm
+
+    sd = _official_full_state_dict(TINY)
+    cmvn = (np.zeros(80, np.float32), np.ones(80, np.float32))
+    params = convert_audiollm(sd, TINY, cmvn=cmvn)
+    shapes = lambda t: jax.tree.map(np.shape, t)
+    assert shapes(params) == shapes(tiny_params())
+    np.testing.assert_array_equal(params["state_head"]["bias"], sd["predictor_head.bias"])
+    with pytest.raises(LoadError, match=r"final.pt: unexpected tensor 'speaker_head.weight'"):
+        convert_audiollm(sd | {"speaker_head.weight": np.zeros(2)}, TINY, cmvn=cmvn)
+    no_llm = {k: v for k, v in sd.items() if not k.startswith("llm_decoder.")}
+    with pytest.raises(LoadError, match="no 'llm_decoder"):
+        convert_audiollm(no_llm, TINY, cmvn=cmvn)
+    assert convert_audiollm(no_llm, TINY, llm_params=params["llm"], cmvn=cmvn)["llm"] is params["llm"]
+
+
+def test_forward_encodes_each_utterance_on_its_own():
+    params = tiny_params()
+    rng = np.random.default_rng(3)
+    fbank = jnp.asarray(rng.normal(size=(1, 2, 35, 80)) * 3 + 8, jnp.float32)  # 2 questions, 4 embeddings each
+    lengths_bn = jnp.array([[35, 27]])
+    # [prompt, q0 audio x4, text, prompt, q1 audio x3 (its 4th is padding), text]
+    source = jnp.array([[1, 2, 2, 2, 2, 0, 1, 2, 2, 2, 0]])
+    index = jnp.array([[0, 0, 1, 2, 3, 0, 0, 4, 5, 6, 0]])
+    tokens = jnp.full((1, 11), 9, jnp.int32)
+    out = jax.jit(lambda p, f, n: al.forward(p, TINY, tokens, source, index, jnp.array([11]), f, n,
+                                             with_logits=False))(params, fbank, lengths_bn)
+    enc = jax.jit(lambda p, f, n: al.encode_speech(p, TINY, f, n)[0])
+    audio = jnp.concatenate([enc(params, fbank[:, 0], lengths_bn[:, 0]), enc(params, fbank[:, 1], lengths_bn[:, 1])],
+                            axis=1)
+    ref = al.AudioLLM(TINY).apply({"params": params}, tokens, source, index, jnp.array([11]), audio, False)
+    np.testing.assert_allclose(out["state_logits"], ref["state_logits"], atol=1e-5)
