@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 
 from fo_jax.layers.kv_cache import KVCache
-from fo_jax.layers.mlp import DEFAULT_INIT
+from fo_jax.layers.mlp import DEFAULT_INIT, matvec_dot_general
 from fo_jax.layers.rope import apply_rope
 
 
@@ -50,7 +50,7 @@ class Attention(nn.Module):
     def _proj(self, heads: int, head_axis: str, name: str) -> nn.DenseGeneral:
         return nn.DenseGeneral(
             (heads, self.head_dim), use_bias=self.use_bias, dtype=self.dtype,
-            param_dtype=self.param_dtype, name=name,
+            param_dtype=self.param_dtype, name=name, dot_general=matvec_dot_general,
             kernel_init=nn.with_logical_partitioning(DEFAULT_INIT, ("embed", head_axis, "head_dim")),
             bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (head_axis, "head_dim")))
 
@@ -78,7 +78,7 @@ class Attention(nn.Module):
         out = dot_product_attention(q, k, v, mask_bts)
         out = nn.DenseGeneral(
             x_btd.shape[-1], axis=(-2, -1), use_bias=False, dtype=self.dtype,
-            param_dtype=self.param_dtype, name="o_proj",
+            param_dtype=self.param_dtype, name="o_proj", dot_general=matvec_dot_general,
             kernel_init=nn.with_logical_partitioning(DEFAULT_INIT, ("heads", "head_dim", "embed")),
         )(out)
         return out, cache
