@@ -16,7 +16,9 @@ What it does:
      * the PyTorch peer, encoder alone and encoder + adapter.
    20 warm-up calls first (compilation excluded; past the 17 calls after which the official key
    buffers are full, so both sides work on 68-key windows), then ``--chunks`` timed calls each,
-   alternating sides in rounds of 5 so machine noise hits both. ``block_until_ready`` per call.
+   alternating sides in rounds of 5 so machine noise hits both (with a 0.3 s pause between
+   sides, so one side's spinning worker threads do not run into the other's timing).
+   ``block_until_ready`` per call.
    ``--quick``: 10 timed calls, and the PyTorch peer times the encoder alone.
 3. Prints, per side: median and mean wall ms per chunk, real-time factor (ms / 160), and median
    CPU ms per chunk (process time, all threads: robust to other load), plus the load average.
@@ -210,6 +212,7 @@ def main():
             collected = {side: ([], []) for side in sides}
             for _ in range(rounds):
                 for side, fn in sides.items():
+                    time.sleep(0.3)  # let the other side's spinning worker threads go idle
                     w, c = timed(fn, chunks // rounds)
                     collected[side][0].extend(w)
                     collected[side][1].extend(c)

@@ -14,7 +14,8 @@ What it does (see BENCHMARKS.md for results and notes):
               under ``torch.inference_mode()``, ``torch.set_num_threads(2)``, DynamicCache.
    Both compute full-vocabulary logits for one position per step, run a few warm-up steps first
    (ours: compile excluded), and are timed per step with ``time.perf_counter``; we report the
-   median (and the mean). The two sides decode alternately in rounds so machine noise hits both.
+   median (and the best step; the JSON also has the mean). The two sides decode alternately in
+   rounds so that machine noise hits both.
 3. Measures the machine's read bandwidth (best of numpy / jitted jnp.sum / torch sum over a
    >= 1 GiB array, and a jitted sum over the model's own weights) and the bandwidth floor
    = bytes read per decode token (all weights -- the tied embedding is read whole by the LM head --
@@ -319,14 +320,14 @@ def main(argv=None) -> int:
 
     print()
     print(f"Decode, batch 1, context {args.context} (+{args.warmup} warm-up), {args.tokens} timed steps per side; "
-          f"median ms/token (mean in brackets)")
+          f"ms/token as median (best step)")
     head = (f"{'dtype':9} {'ours ms':>15} {'ours tok/s':>10} {'torch ms':>15} {'torch tok/s':>11} "
             f"{'speedup':>7} {'floor ms':>8} {'ours/floor':>10} {'sweep ms':>8}")
     print(head)
     print("-" * len(head))
     for r in results:
-        print(f"{r['dtype']:9} {r['jax_ms_median']:7.1f} ({r['jax_ms_mean']:5.1f}) {r['jax_tok_s']:10.1f} "
-              f"{r['torch_ms_median']:7.1f} ({r['torch_ms_mean']:5.1f}) {r['torch_tok_s']:11.1f} "
+        print(f"{r['dtype']:9} {r['jax_ms_median']:7.1f} ({r['jax_ms_min']:5.1f}) {r['jax_tok_s']:10.1f} "
+              f"{r['torch_ms_median']:7.1f} ({r['torch_ms_min']:5.1f}) {r['torch_tok_s']:11.1f} "
               f"{r['speedup']:6.2f}x {r['floor_ms']:8.1f} {r['jax_vs_floor']:9.2f}x {r['weight_sweep_ms']:8.1f}")
     print()
     print(f"read bandwidth GB/s: numpy sum {bw['numpy_sum']:.1f}, jitted jnp.sum {bw['jax_sum']:.1f}, "

@@ -227,6 +227,10 @@ def test_bfloat16_stream_close_to_float32(ten_seconds):
     low, state = stream(bf16, PARAMS, padded[:1], 20)
     assert state.k.dtype == jnp.bfloat16
     assert np.abs(low - f32).max() < 0.15 * np.abs(f32).max()
+    # the whole-utterance path runs in bfloat16 too (every matmul has a bf16 x bf16 -> f32 kernel)
+    full_f32, _ = forward(PARAMS, ENC, jnp.asarray(BATCH_FEATS), BATCH_LENGTHS)
+    full_low, _ = forward(PARAMS, bf16, jnp.asarray(BATCH_FEATS), BATCH_LENGTHS)
+    assert np.abs(full_low - full_f32).max() < 0.15 * np.abs(full_f32).max()
 
 
 def test_stream_state_needs_chunks():

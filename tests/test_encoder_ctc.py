@@ -54,10 +54,14 @@ def test_greedy_decode_collapses_repeats_and_drops_blanks():
     assert (np.asarray(tokens[0, 4:]) == -1).all() and (np.asarray(tokens[1, 3:]) == -1).all()
 
 
-def test_ctc_head_shapes():
+def test_ctc_head():
     cfg = EncoderConfig(hidden_size=8, num_heads=2, ctc_vocab_size=11)
-    params = jax.tree.map(lambda x: x.unbox() if hasattr(x, "unbox") else x, init_ctc_params(cfg, jax.random.PRNGKey(0)),
-                          is_leaf=lambda x: hasattr(x, "unbox"))
-    assert params["ctc_lo"]["kernel"].shape == (11, 8)  # torch layout (out, in)
-    logits = ctc_logits(params, cfg, jnp.ones((2, 5, 8)))
-    assert logits.shape == (2, 5, 11) and logits.dtype == jnp.float32
+    shapes = jax.eval_shape(lambda r: init_ctc_params(cfg, r), jax.random.PRNGKey(0))
+    assert shapes["ctc_lo"]["kernel"].value.shape == (11, 8)  # torch layout (out, in)
+    rng = np.random.default_rng(0)
+    params = {"ctc_lo": {"kernel": rng.normal(size=(11, 8)).astype(np.float32),
+                         "bias": rng.normal(size=11).astype(np.float32)}}
+    enc = rng.normal(size=(2, 5, 8)).astype(np.float32)
+    logits = jax.jit(ctc_logits, static_argnums=1)(params, cfg, jnp.asarray(enc))
+    assert logits.dtype == jnp.float32
+    np.testing.assert_allclose(logits, enc @ params["ctc_lo"]["kernel"].T + params["ctc_lo"]["bias"], atol=1e-5)

@@ -76,11 +76,12 @@ def _head_logits(model: Qwen2, hidden_bd: jax.Array) -> jax.Array:
     """``Qwen2.logits`` for decode steps: same math and dtypes, faster contractions on CPU.
 
     Tied float32 head: ``nn.Embed.attend`` computes ``h @ embedding.T``; inside a decode step
-    XLA:CPU fuses that transpose (and the final RMSNorm) into a naive loop "dot" that is several
-    times slower than the library dot that contracting D of the (V, D) table directly gives.
-    Tied low-precision head: that fused loop reads the table in its own dtype with no float32
-    copy, which is the better choice there, so ``attend``'s form is kept. Untied head: the
-    projection ``dot_general`` (per-piece upcast of low-precision weights, see ``fo_jax.layers.mlp``).
+    XLA:CPU fuses that transpose (and the final RMSNorm) into a naive loop "dot" over the
+    (V, D) table, about 1.3x slower than the library dot that contracting D of the table
+    directly gives. Tied low-precision head: that fused loop reads the table in its own dtype
+    with no float32 copy, which beats upcasting it, so ``attend``'s form is kept. Untied head:
+    the projections' ``dot_general`` (per-piece upcast of low-precision weights on CPU, see
+    ``fo_jax.layers.mlp.matvec_dot_general``).
     """
     cfg = model.config
     dtype = to_dtype(cfg.dtype)
