@@ -13,7 +13,7 @@ _UPCAST_ON_CPU = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 _JIT_UPCAST_MAX_ROWS = 64
 # Largest float32 copy of a weight piece made at once: stays in cache, and under glibc's mmap
 # threshold so it is not page-faulted in again every step.
-_UPCAST_CHUNK_BYTES = 16 << 20
+_UPCAST_CHUNK_BYTES = 8 << 20
 
 
 def _rows(x: jax.Array, contracting) -> int:

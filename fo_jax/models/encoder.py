@@ -11,8 +11,9 @@ run 1.3-2x (float32) and 2-5x (bfloat16) faster for the few-row products of stre
 Attention is the official "rel-enc" as released: score = ((q + u) k + (q + v) Wpos PE(key)) /
 sqrt(d_k), with PE the sinusoid at the key's position and no rel_shift (so it is an absolute
 key-position bias). Masked scores are filled with the float16 minimum and their probabilities zeroed
-after the softmax, as the official code does. Matmuls accumulate in float32 (bfloat16 inputs when
-``dtype`` is bfloat16); activations between them stay float32.
+after the softmax, as the official code does. Precision: with ``dtype`` bfloat16 the weight
+matmuls take bfloat16 inputs (K/V buffers are bfloat16 too); accumulation, attention and the
+activations between matmuls are float32.
 
 Streaming (``stream_step``): one call = ``4 * chunk_size + 3`` fbank frames (3 overlap frames feed
 the convs' context) -> ``chunk_size`` encoder frames. Each layer keeps its last ``chunk_size *
@@ -238,14 +239,12 @@ class RelEncAttention(nn.Module):
         return split(self.linear_q(x_btd)), split(self.linear_k(x_btd)), split(self.linear_v(x_btd))
 
     def _attend(self, q_bthk, k_bshk, v_bshk, bd_bhts, mask_bts, deterministic) -> jax.Array:
-        ac = jnp.einsum("bthk,bshk->bhts", (q_bthk + self.pos_bias_u).astype(self.dtype),
-                        k_bshk.astype(self.dtype), preferred_element_type=jnp.float32)
+        ac = jnp.einsum("bthk,bshk->bhts", q_bthk + self.pos_bias_u, k_bshk.astype(jnp.float32))
         scores = (ac + bd_bhts) / math.sqrt(self.d_k)
         mask = mask_bts[:, None]
         probs = jnp.where(mask, jax.nn.softmax(jnp.where(mask, scores, MASK_VALUE), axis=-1), 0.0)
         probs = self.dropout(probs, deterministic=deterministic)
-        out = jnp.einsum("bhts,bshk->bthk", probs.astype(self.dtype), v_bshk.astype(self.dtype),
-                         preferred_element_type=jnp.float32)
+        out = jnp.einsum("bhts,bshk->bthk", probs, v_bshk.astype(jnp.float32))
         return self.linear_out(out.reshape(*out.shape[:2], -1))
 
     def __call__(self, x_btd: jax.Array, mask_bts: jax.Array, pe_1sd: jax.Array,
@@ -254,8 +253,7 @@ class RelEncAttention(nn.Module):
         q, k, v = self._qkv(x_btd)
         p = self.linear_pos(pe_1sd)
         p = jnp.broadcast_to(p, (q.shape[0],) + p.shape[1:])
-        bd = jnp.einsum("bthk,bshk->bhts", (q + self.pos_bias_v).astype(self.dtype), p.astype(self.dtype),
-                        preferred_element_type=jnp.float32)
+        bd = jnp.einsum("bthk,bshk->bhts", q + self.pos_bias_v, p)
         return self._attend(q, k, v, bd, mask_bts, deterministic)
 
     def step(self, x_btd: jax.Array, k_bshk: jax.Array, v_bshk: jax.Array, key_valid_bs: jax.Array,
@@ -276,8 +274,7 @@ class RelEncAttention(nn.Module):
         # (q + v) . Wpos PE(s) computed as ((q + v) Wpos) . PE(s): the C queries, not the S + C keys,
         # go through the D x D projection (8x fewer flops for C = 4, S = 64).
         r = self.linear_pos.transposed(q + self.pos_bias_v)
-        bd = jnp.einsum("bthe,bse->bhts", r.astype(self.dtype), pe_bsd.astype(self.dtype),
-                        preferred_element_type=jnp.float32)
+        bd = jnp.einsum("bthe,bse->bhts", r, pe_bsd)
         mask = jnp.broadcast_to(key_valid_bs[:, None, :], (q.shape[0], q.shape[1], keys.shape[1]))
         out = self._attend(q, keys, values, bd, mask, True)
         size = k_bshk.shape[1]
