@@ -262,6 +262,7 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=4, help="alternate ours/torch in this many blocks")
     ap.add_argument("--dtypes", default="float32,bfloat16")
     ap.add_argument("--checkpoint", help="reuse (or create) the random HF checkpoint in this directory")
+    ap.add_argument("--torch-threads", type=int, default=2, help="torch.set_num_threads (default 2)")
     args = ap.parse_args(argv)
     if args.tokens is None:
         args.tokens = 8 if args.quick else 32
@@ -272,7 +273,7 @@ def main(argv=None) -> int:
     t_start = time.perf_counter()
     import torch
     import transformers
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.torch_threads)
     transformers.logging.set_verbosity_error()
 
     env = {

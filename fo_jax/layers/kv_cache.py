@@ -44,6 +44,23 @@ class KVCache:
         batch, steps = k_btkh.shape[:2]
         rows = jnp.broadcast_to(jnp.arange(batch)[:, None], (batch, steps))
         slots = self.lengths[:, None] + jnp.arange(steps)[None, :]
-        k = self.k.at[layer, rows, slots].set(k_btkh.astype(self.k.dtype), mode="drop")
-        v = self.v.at[layer, rows, slots].set(v_btkh.astype(self.v.dtype), mode="drop")
+        k = _set_entries(self.k, (layer, rows, slots), k_btkh)
+        v = _set_entries(self.v, (layer, rows, slots), v_btkh)
         return self.replace(k=k, v=v)
+
+
+def _set_entries(cache: jax.Array, index: tuple, new: jax.Array) -> jax.Array:
+    """``cache.at[index].set(new)`` (out-of-range writes dropped), in place under donation.
+
+    XLA:CPU has no 16-bit-float dynamic-update-slice: it would rewrite a bfloat16 cache update as
+    "convert the whole (L, B, S, K, H) cache to float32, update, convert back", a full pass over
+    the cache for every layer of every step. Writing the same bits through a uint16 view keeps
+    the update in place; the values are identical.
+    """
+    new = new.astype(cache.dtype)
+    if jnp.dtype(cache.dtype).itemsize == 2 and jnp.issubdtype(cache.dtype, jnp.floating) \
+            and jax.default_backend() == "cpu":
+        bits = jax.lax.bitcast_convert_type(cache, jnp.uint16)
+        bits = bits.at[index].set(jax.lax.bitcast_convert_type(new, jnp.uint16), mode="drop")
+        return jax.lax.bitcast_convert_type(bits, cache.dtype)
+    return cache.at[index].set(new, mode="drop")
