@@ -105,3 +105,16 @@ def test_compile_only_on_8_fake_devices_shards_the_state(corpus):
     total_param_bytes = 4 * report["trainable_params"]
     # fsdp x tensor sharding: each device holds well under the whole model.
     assert report["per_device_bytes"]["trainable"] < total_param_bytes / 2
+
+
+def test_load_trained_gives_the_runs_trainable_params(tmp_path, corpus):
+    from fo_jax.errors import LoadError
+    from fo_jax.training.checkpoint import load_trained
+
+    cfg = load_config("configs/text_llm.py:tiny", _overrides(corpus, 3))
+    summary = trainer.train(cfg, tmp_path / "run", progress=False)
+    params, meta = load_trained(tmp_path / "run")
+    assert meta["step"] == 3 and meta["frozen_fingerprint"] == summary["frozen_fingerprint"]
+    jax.tree.map(np.testing.assert_array_equal, params, jax.device_get(summary["trainable"]))
+    with pytest.raises(LoadError, match="no training run here"):
+        load_trained(tmp_path / "nothing")

@@ -71,3 +71,25 @@ class TrainCheckpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def load_trained(workdir: str | os.PathLike, step: int | None = None) -> tuple[dict, dict]:
+    """(trainable params as numpy arrays, meta) of a finished or interrupted run.
+
+    How one stage starts from another (speech-in 2 from the stage-1 encoder, say): the run's
+    checkpoint holds only what trained there; the frozen rest comes from its own sources.
+    """
+    directory = Path(workdir).resolve() / "checkpoints"
+    if not directory.is_dir():
+        raise LoadError(f"{workdir}: no training run here (no checkpoints/ folder)")
+    manager = ocp.CheckpointManager(directory, item_names=("trainable", "meta"),
+                                    options=ocp.CheckpointManagerOptions(create=False, read_only=True))
+    try:
+        step = manager.latest_step() if step is None else step
+        if step is None:
+            raise LoadError(f"{directory}: no complete checkpoint")
+        out = manager.restore(step, args=ocp.args.Composite(trainable=ocp.args.StandardRestore(),
+                                                            meta=ocp.args.JsonRestore()))
+    finally:
+        manager.close()
+    return jax.tree.map(np.asarray, dict(out.trainable)), dict(out.meta) | {"step": int(step)}
