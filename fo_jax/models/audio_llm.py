@@ -36,7 +36,7 @@ from fo_jax.layers.mlp import DEFAULT_INIT
 from fo_jax.models.adapter import (SpeechInputState, adapter_forward, init_adapter_variables,
                                    speech_input_step)
 from fo_jax.models.configs import ModelConfig, to_dtype
-from fo_jax.models.encoder import encoder_forward, init_encoder_params
+from fo_jax.models.encoder import SUBSAMPLING, encoder_forward, init_encoder_params
 from fo_jax.models.qwen2 import Qwen2, init_params as init_qwen2_params
 from fo_jax.text.tokenizer import IM_END, IM_START, chatml
 
@@ -50,9 +50,20 @@ SOURCE_TEXT, SOURCE_PROMPT, SOURCE_AUDIO, SOURCE_TASK = 0, 1, 2, 3
 AUDIO_PLACEHOLDER = "<audio>"
 
 
+DECISION_CLASSES = 3  # the state-head logits inference reads (the first 3 of num_states)
+
+# Task-embedding rows around a stage-2 utterance (official task_ids "audio", "/audio").
+TASK_AUDIO_BOS, TASK_AUDIO_EOS = 5, 6
+
+
 def state_probs(state_logits: jax.Array) -> jax.Array:
     """(..., num_states) state-head logits -> (..., 3) float32 softmax over the first 3 classes."""
-    return jax.nn.softmax(state_logits[..., :3].astype(jnp.float32), axis=-1)
+    return jax.nn.softmax(state_logits[..., :DECISION_CLASSES].astype(jnp.float32), axis=-1)
+
+
+def state_log_probs(state_logits: jax.Array) -> jax.Array:
+    """``log(state_probs)``, computed stably (training's state cross-entropy)."""
+    return jax.nn.log_softmax(state_logits[..., :DECISION_CLASSES].astype(jnp.float32), axis=-1)
 
 
 def decide(probs: jax.Array) -> jax.Array:
@@ -126,7 +137,9 @@ class AudioLLM(nn.Module):
 
     def setup(self):
         cfg = self.config
-        dtype, pdtype = to_dtype(cfg.llm.dtype), to_dtype(cfg.llm.param_dtype)
+        # The heads compute in the LLM's dtype but keep the adapter's param dtype: they are what
+        # trains around the frozen LLM (float32 master weights under a bfloat16 LLM).
+        dtype, pdtype = to_dtype(cfg.llm.dtype), to_dtype(cfg.adapter.param_dtype)
         d = cfg.llm.hidden_size
         self.llm = Qwen2(cfg.llm)
         self.prompt_embeddings = _embed(cfg.adapter.prompt_num, d, dtype, pdtype)
@@ -149,9 +162,10 @@ class AudioLLM(nn.Module):
         return self.task_embeddings(jnp.arange(self.config.adapter.task_num))
 
     def decode(self, x_btd: jax.Array, lengths_b: jax.Array | None = None,
-               cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
+               cache: KVCache | None = None, positions_bt: jax.Array | None = None,
+               mask_bts: jax.Array | None = None) -> tuple[jax.Array, KVCache | None]:
         """The frozen LLM over input embeddings (see ``Qwen2.__call__``): final-norm hidden states."""
-        return self.llm(x_btd, lengths_b, cache)
+        return self.llm(x_btd, lengths_b, cache, positions_bt, mask_bts)
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """(..., D) -> (..., V) float32 LLM logits."""
@@ -183,18 +197,20 @@ class AudioLLM(nn.Module):
 
     def __call__(self, tokens_bt: jax.Array, source_bt: jax.Array, index_bt: jax.Array,
                  lengths_b: jax.Array, audio_bad: jax.Array | None = None,
-                 with_logits: bool = True) -> dict[str, jax.Array]:
+                 with_logits: bool = True, positions_bt: jax.Array | None = None,
+                 mask_bts: jax.Array | None = None) -> dict[str, jax.Array]:
         """Whole-sequence forward (training, stage 2/3): assembled embeddings -> LLM -> heads.
 
         ``audio_bad`` is the speech of each row, already encoded (``encode_speech``); stage 3 computes the
         LLM CE on answer positions and the state CE on chunk-final audio positions from the result.
+        ``positions_bt`` / ``mask_bts``: optional rotary positions and attention mask (``Qwen2.__call__``).
 
         Returns:
           dict with 'hidden' (B, T, D), 'state_logits' (B, T, num_states) float32 and, with
           ``with_logits``, 'logits' (B, T, V) float32.
         """
         x = self.assemble(tokens_bt, source_bt, index_bt, audio_bad)
-        hidden, _ = self.decode(x, lengths_b)
+        hidden, _ = self.decode(x, lengths_b, None, positions_bt, mask_bts)
         out = {"hidden": hidden, "state_logits": self.state_logits(hidden)}
         if with_logits:
             out["logits"] = self.logits(hidden)
@@ -231,6 +247,34 @@ def speech_chunk(params: dict, cfg: ModelConfig, state: SpeechInputState, fbank_
     """One streaming chunk: (B, 19, F) fbank (3 overlap + 16 new) -> state, (B, 2, E) embeddings."""
     return speech_input_step(params["encoder"], adapter_variables(params), cfg.encoder, cfg.adapter,
                              state, fbank_bwf)
+
+
+def stream_speech(params: dict, cfg: ModelConfig, fbank_btf: jax.Array) -> jax.Array:
+    """Whole utterances through the streaming path (``speech_chunk`` scanned over chunks from a
+    fresh state): the embeddings inference feeds the LLM, bit for bit the same program.
+
+    Training-time speech for frozen encoders (stage 3): the whole-utterance forward equals the
+    stream only while the official key positions are the true ones (``encoder.stream_positions``).
+
+    Args:
+      fbank_btf: (B, O + N W, F) raw fbank in streaming framing: O = 3 overlap frames (zeros: a
+        turn's first chunk has no predecessor), then N chunks of W = 4 chunk_size new frames.
+    Returns:
+      (B, N C', E) embeddings, C' per chunk (2 for the released model), chunk after chunk.
+    """
+    enc = cfg.encoder
+    new = SUBSAMPLING * enc.chunk_size
+    overlap = enc.stream_input_frames - new
+    b, t, _ = fbank_btf.shape
+    if (t - overlap) % new or t <= overlap:
+        raise ValueError(f"stream_speech: {t} fbank frames is not {overlap} + a whole number of {new}-frame chunks")
+
+    def chunk(state, i):
+        frames = jax.lax.dynamic_slice_in_dim(fbank_btf, i * new, enc.stream_input_frames, axis=1)
+        return speech_chunk(params, cfg, state, frames)
+
+    _, emb = jax.lax.scan(chunk, SpeechInputState.zeros(enc, cfg.adapter, b), jnp.arange((t - overlap) // new))
+    return jnp.moveaxis(emb, 0, 1).reshape(b, -1, emb.shape[-1])
 
 
 def forward(params: dict, cfg: ModelConfig, tokens_bt: jax.Array, source_bt: jax.Array,

@@ -155,6 +155,7 @@ class EncoderConfig:
     ctc_vocab_size: int = 5538
     dtype: str = "float32"
     param_dtype: str = "float32"
+    remat: bool = False  # rematerialise each block in the backward pass (training)
 
     def __post_init__(self):
         if self.hidden_size % self.num_heads:
@@ -193,6 +194,8 @@ class AdapterConfig:
     activation: str = "gelu"  # gelu | relu (single-conv subsampling only)
     norm: str = "layer"  # layer | batch (single-conv subsampling only; others always batch)
     norm_eps: float = 1e-3
+    # The heads below (prompt / task embeddings, state head) keep this adapter's param_dtype (they
+    # train; float32 master weights) and compute in the LLM's dtype.
     prompt_num: int = 25  # learned prompt embeddings before each question
     num_states: int = 4  # state-head classes (the first 3 are used at inference)
     task_num: int = 20  # stage-2 special-token table

@@ -405,7 +405,10 @@ class SpeechEncoder(nn.Module):
         self.embed_norm = _layer_norm(cfg.layer_norm_eps, pdtype)
         self.embed_dropout = nn.Dropout(cfg.dropout)
         self.pos_dropout = nn.Dropout(cfg.positional_dropout)
-        self.encoders = [EncoderLayer(cfg) for _ in range(cfg.num_layers)]
+        # remat: each block's activations are recomputed in the backward pass (training memory);
+        # only __call__ is wrapped, the streaming ``step`` is untouched.
+        layer = nn.remat(EncoderLayer, static_argnums=(4,)) if cfg.remat else EncoderLayer
+        self.encoders = [layer(cfg) for _ in range(cfg.num_layers)]
         self.after_norm = _layer_norm(cfg.layer_norm_eps, pdtype)
 
     def _input(self, fbank_btf: jax.Array, deterministic: bool) -> jax.Array:

@@ -76,7 +76,8 @@ class Qwen2(nn.Module):
         return out.astype(jnp.float32)
 
     def __call__(self, x_btd: jax.Array, lengths_b: jax.Array | None = None,
-                 cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
+                 cache: KVCache | None = None, positions_bt: jax.Array | None = None,
+                 mask_bts: jax.Array | None = None) -> tuple[jax.Array, KVCache | None]:
         """Runs the decoder over a right-padded block of input embeddings.
 
         Without a cache, the block is a whole sequence (training / parity forward): positions are
@@ -85,10 +86,16 @@ class Qwen2(nn.Module):
         cache, and the returned cache's lengths grow by ``lengths_b`` (the row's number of valid
         new entries; default T). Callers keep ``cache.lengths + T <= cache.max_len``.
 
+        A whole sequence may instead bring its own rotary positions and attention mask (training
+        on a conversation whose dropped turns later positions must not see, as if never cached).
+
         Args:
           x_btd: (B, T, D) input embeddings (``embed`` of token ids, or speech embeddings).
           lengths_b: (B,) int, valid entries per row (default: all T).
           cache: optional KVCache of shape (L, B, S, K, H).
+          positions_bt: (B, T) int rotary positions (no cache; default 0..T-1).
+          mask_bts: (B, T, T) bool, True where query t may attend to key s (no cache; replaces
+            the causal + padding mask).
         Returns:
           hidden_btd: (B, T, D) final-norm hidden states, and the updated cache (or None).
         """
@@ -97,8 +104,13 @@ class Qwen2(nn.Module):
         if lengths_b is None:
             lengths_b = jnp.full((b,), t, jnp.int32)
         if cache is None:
-            positions = jnp.broadcast_to(steps, (b, t))
-            mask = (steps[None, :, None] >= steps[None, None, :]) & (steps < lengths_b[:, None])[:, None, :]
+            positions = jnp.broadcast_to(steps, (b, t)) if positions_bt is None else positions_bt
+            if mask_bts is None:
+                mask = (steps[None, :, None] >= steps[None, None, :]) & (steps < lengths_b[:, None])[:, None, :]
+            else:
+                mask = mask_bts
+        elif positions_bt is not None or mask_bts is not None:
+            raise ValueError("positions_bt / mask_bts are for whole sequences, not with a cache")
         else:
             positions = cache.lengths[:, None] + steps[None, :]
             slots = jnp.arange(cache.max_len)
