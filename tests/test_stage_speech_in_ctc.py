@@ -10,7 +10,9 @@ from fo_jax.audio.io import write_wav
 from fo_jax.config import load_config
 from fo_jax.data.manifest import write_manifest
 from fo_jax.training import trainer
+from fo_jax.training.checkpoint import load_trained
 from fo_jax.training.freeze import flatten
+from fo_jax.training.speech_common import cmvn_params
 
 speech = pytest.importorskip("fo_jax.testing.speech")
 pytest.importorskip("espeakng_loader")
@@ -43,6 +45,10 @@ def test_ctc_stage_trains_with_frozen_cmvn(tmp_path, asr_manifest):
     mean = np.asarray(summary["frozen"]["encoder"]["cmvn_mean"])
     assert mean.shape == (80,) and np.abs(mean).max() > 1  # estimated from the audio, not identity
     assert any("missing.wav" in r for r in summary["rejected"])
+    # The frozen statistics ride in the run's meta, for the stages that start from this encoder.
+    trained, meta = load_trained(tmp_path / "run")
+    assert set(trained) == {"encoder", "ctc"} and "cmvn_mean" not in trained["encoder"]
+    np.testing.assert_array_equal(cmvn_params(meta["cmvn_stats"])["cmvn_mean"], mean)
     losses = [json.loads(l)["loss"] for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert np.isfinite(losses).all() and min(losses[-3:]) < 0.9 * losses[0]
     assert all(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(summary["trainable"]["ctc"]),

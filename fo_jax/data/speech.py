@@ -15,7 +15,8 @@ import grain
 import jax
 import numpy as np
 
-from fo_jax.audio.fbank import fbank, num_frames
+from fo_jax.audio.cmvn import cmvn_stats
+from fo_jax.audio.fbank import CHUNK_FRAMES, CHUNK_OVERLAP, LOG_FLOOR, fbank, num_frames
 from fo_jax.audio.io import audio_info, load_audio
 from fo_jax.data.augment import SpecAugmentConfig, spec_augment
 from fo_jax.data.bucketing import bucket_for, pad_to
@@ -34,6 +35,35 @@ def load_features(record: dict, base: Path) -> np.ndarray:
     """(T, 80) float32 log-mel fbank of the record's audio (16 kHz, int16 scale, before CMVN)."""
     audio, _ = load_audio(resolve(record["audio"], base), 16000)
     return fbank(audio)
+
+
+def cmvn_stats_of(records: Sequence[dict], base: Path) -> dict:
+    """Global CMVN sums (official JSON format, see ``fo_jax.audio.cmvn``) pooled over the records' fbank."""
+    feats = np.concatenate([load_features(r, base) for r in records])
+    return cmvn_stats(feats)
+
+
+# What a silent stretch of audio gives (every mel bin at the log floor): pads a last, partial chunk.
+SILENCE_FBANK = float(np.log(LOG_FLOOR))
+
+
+def stream_chunks(frames: int) -> int:
+    """Streaming chunks (160 ms, ``CHUNK_FRAMES`` fbank frames each) that carry ``frames`` frames."""
+    return -(-frames // CHUNK_FRAMES)
+
+
+def stream_framed(feats_tf: np.ndarray, chunks: int) -> np.ndarray:
+    """(T, F) fbank -> (CHUNK_OVERLAP + chunks * CHUNK_FRAMES, F) as a turn is streamed.
+
+    In front, the zero overlap frames a turn's first chunk gets (inference resets them per turn);
+    after the utterance, silence up to the end of its last chunk (the stream goes on past speech).
+    """
+    pad = chunks * CHUNK_FRAMES - len(feats_tf)
+    if pad < 0:
+        raise ValueError(f"{len(feats_tf)} frames do not fit in {chunks} chunks")
+    return np.concatenate([np.zeros((CHUNK_OVERLAP, feats_tf.shape[1]), np.float32),
+                           np.asarray(feats_tf, np.float32),
+                           np.full((pad, feats_tf.shape[1]), SILENCE_FBANK, np.float32)])
 
 
 def plan_batches(lengths: Sequence[int], boundaries: Sequence[int], batch_size: int,

@@ -93,7 +93,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, max_steps: int | None = 
             raise FoJaxError(f"{checkpointer.directory}: the frozen weights differ from the ones this run "
                              f"was trained against (fingerprint {meta['frozen_fingerprint'][:12]}...)")
         iterator.set_state(data_state)
-    meta = {"config": cfg.to_dict(), "frozen_fingerprint": frozen_print}
+    # A stage's own meta (e.g. CMVN statistics, frozen yet data-derived) rides along for later stages.
+    meta = {"config": cfg.to_dict(), "frozen_fingerprint": frozen_print, **getattr(stage, "meta", {})}
     total = cfg.stage.steps if max_steps is None else min(cfg.stage.steps, start + max_steps)
     log_every = cfg.stage.get("log_every", 10)
     preemption = _Preemption()
@@ -147,7 +148,8 @@ def compile_only(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
     opt_state = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                              jax.eval_shape(optimizer.init, trainable),
                              _init_optimizer(optimizer, trainable, mesh)[1])
-    example = next(iter(stage.dataset(0)))
+    # Stages that can describe their batches abstractly need no data (nor weights) to be checked.
+    example = stage.example_batch() if hasattr(stage, "example_batch") else next(iter(stage.dataset(0)))
     batch = {k: jax.ShapeDtypeStruct((v.shape[0] * jax.process_count(),) + v.shape[1:], v.dtype,
                                      sharding=NamedSharding(mesh, distributed.batch_spec(v.ndim)))
              for k, v in example.items()}

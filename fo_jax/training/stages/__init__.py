@@ -18,11 +18,18 @@ from fo_jax.errors import ConfigError
 STAGES = {
     "text_lm": "fo_jax.training.stages.text_lm:build",
     "speech_in_ctc": "fo_jax.training.stages.speech_in_ctc:build",
+    "speech_in_llm": "fo_jax.training.stages.speech_in_llm:build",
+    "speech_in_dialogue": "fo_jax.training.stages.speech_in_dialogue:build",
 }
 
 
 class Stage(Protocol):
-    """What the trainer needs from a stage."""
+    """What the trainer needs from a stage.
+
+    Optional: ``meta`` (a JSON-able dict the trainer adds to each checkpoint's meta, e.g. frozen but
+    data-derived CMVN statistics; set by ``load_params``) and ``example_batch()`` (this process's
+    batch as ``jax.ShapeDtypeStruct``s, so ``--compile-only`` needs no data or weights).
+    """
 
     trainable: tuple[str, ...]  # path regexes of the params that train; the rest is frozen
 

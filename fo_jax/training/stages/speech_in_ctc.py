@@ -15,16 +15,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fo_jax.audio.cmvn import cmvn_from_stats
 from fo_jax.config import model_config
 from fo_jax.data.augment import SpecAugmentConfig
 from fo_jax.data.manifest import read_manifest
 from fo_jax.data.prepare import check_audio
-from fo_jax.data.speech import bucketed_dataset, feature_batch, load_features, plan_batches, record_frames
+from fo_jax.data.speech import bucketed_dataset, cmvn_stats_of, feature_batch, plan_batches, record_frames
 from fo_jax.errors import ConfigError
 from fo_jax.models.ctc import ctc_logits, ctc_loss, init_ctc_params
 from fo_jax.models.encoder import encoder_forward, init_encoder_params
 from fo_jax.text.char_vocab import CharVocab
+from fo_jax.training.speech_common import cmvn_params
 
 
 class SpeechInCTCStage:
@@ -59,11 +59,10 @@ class SpeechInCTCStage:
 
     def load_params(self, rng):
         params = nn.unbox(self.init_boxed(rng))
-        feats = np.concatenate([load_features(r, self.base) for r in self.records[: self.cmvn_utterances]])
-        sums = feats.astype(np.float64)
-        cmvn = cmvn_from_stats(sums.sum(0), (sums ** 2).sum(0), len(feats))
-        params["encoder"] = {**params["encoder"], "cmvn_mean": jnp.asarray(cmvn.mean),
-                             "cmvn_istd": jnp.asarray(cmvn.istd)}
+        stats = cmvn_stats_of(self.records[: self.cmvn_utterances], self.base)
+        # The statistics are frozen (not in checkpoints): the run's meta carries them to later stages.
+        self.meta = {"cmvn_stats": stats}
+        params["encoder"] = {**params["encoder"], **cmvn_params(stats)}
         return params
 
     def loss(self, params, batch, rng):
