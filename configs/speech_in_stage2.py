@@ -1,0 +1,61 @@
+"""Speech-in stage 2 (stage ``speech_in_llm``): encoder + adapter + task embeddings into the frozen
+LLM, transcript as the LLM's target.
+
+Variants: ``tiny`` (CPU tests, toy world) and ``freeze_omni`` (the released encoder and adapter
+around Qwen2-7B-Instruct; lr 1e-4 as in the paper; LLM and encoder blocks rematerialised, the
+encoder computing in bfloat16 on float32 master weights).
+Required overrides: ``stage.manifest=PATH`` (speech-in 1's ``{"audio", "text"}`` manifest) and
+``stage.llm_path=DIR`` (a HF Qwen2 directory with its tokenizer; tests pass ``stage.tokenizer=DIR``
+instead and get a random LLM). Usually ``stage.encoder_from=WORKDIR`` (a stage-1 run).
+``--compile-only`` needs none of them.
+"""
+
+import ml_collections
+
+from fo_jax.config import load_config
+from fo_jax.toy.world import TRANSCRIBE_PREFIX
+
+
+def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
+    if variant not in ("tiny", "freeze_omni"):
+        raise ValueError(f"unknown variant {variant!r}; expected tiny or freeze_omni")
+    model = load_config(f"configs/freeze_omni.py:{variant}").model.to_dict()
+    big = variant == "freeze_omni"
+    if big:
+        model["llm"]["remat"] = True
+        model["encoder"].update(remat=True, dtype="bfloat16")
+        model["adapter"]["dtype"] = "bfloat16"
+    steps = ml_collections.FieldReference(40000 if big else 300)
+    cfg = ml_collections.ConfigDict({
+        "model": {"llm": model["llm"], "encoder": model["encoder"], "adapter": model["adapter"]},
+        "stage": {
+            "name": "speech_in_llm",
+            "manifest": "",
+            "manifest_policy": "skip",
+            "llm_path": "",
+            "tokenizer": "",
+            "encoder_from": "",
+            # The user turn: this text, then the speech (the toy LLM learned "Transcribe: <s>" -> "<s>").
+            "instruction": TRANSCRIBE_PREFIX,
+            "system_role": "",  # "" keeps the template's system line
+            "audio_bos_eos": True,
+            # CMVN statistics stay frozen; the LLM, prompt embeddings and state head too (stage 3's).
+            "trainable": [r"^encoder/(?!cmvn_)", r"^adapter/", r"^task_embeddings/"],
+            "steps": steps,
+            "batch_size": 32 if big else 8,
+            "buckets": (512, 1024, 2000) if big else (256, 512),  # fbank frames, whole 16-frame chunks
+            "max_label_len": 128 if big else 48,  # transcript tokens + <|im_end|>
+            "template_len": 64,  # budget for the chat template's text around the speech
+            "spec_augment": {"num_freq_masks": 1, "max_freq_width": 10, "num_time_masks": 1, "max_time_width": 20},
+            "cmvn_utterances": 1000 if big else 100,
+            "log_every": 10,
+            "save_every": 1000 if big else 100,
+            "keep": 3,
+        },
+        "optimizer": {"lr": 1e-4 if big else 2e-3, "schedule": "warmuplr",
+                      "warmup_steps": 2000 if big else 30, "total_steps": steps,
+                      "b1": 0.9, "b2": 0.98, "eps": 1e-8, "weight_decay": 1e-6, "clip_norm": 5.0},
+        "mesh": {"shape": (-1, 1, 1)},
+        "seed": 0,
+    })
+    return cfg
