@@ -1,0 +1,56 @@
+"""Speech-in stage 3 (stage ``speech_in_dialogue``): the 25 prompt embeddings + state head on
+multi-turn spoken Q&A; LLM, encoder and adapter frozen.
+
+Variants: ``tiny`` (CPU tests, toy world) and ``freeze_omni`` (the released run: adamw lr 6e-4,
+betas (0.9, 0.99), eps 1e-6, weight decay 0.01, warmuplr with 200 warm-up steps, clip 5, batch 4
+dialogues per GPU x 8, SpecAugment 1 x 10 bins / 1 x 20 frames; LLM blocks rematerialised).
+Required overrides: ``stage.manifest=PATH`` (``{"turns": [...]}`` dialogues), ``stage.llm_path=DIR``
+(tests: ``stage.tokenizer=DIR`` and a random LLM) and ``stage.speech_from=WORKDIR`` (a speech-in 2
+run: encoder, adapter, CMVN). ``--compile-only`` needs none of them.
+"""
+
+import ml_collections
+
+from fo_jax.config import load_config
+
+
+def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
+    if variant not in ("tiny", "freeze_omni"):
+        raise ValueError(f"unknown variant {variant!r}; expected tiny or freeze_omni")
+    model = load_config(f"configs/freeze_omni.py:{variant}").model.to_dict()
+    big = variant == "freeze_omni"
+    if big:
+        model["llm"]["remat"] = True  # the encoder is frozen: no backward pass through it
+    steps = ml_collections.FieldReference(20000 if big else 300)
+    cfg = ml_collections.ConfigDict({
+        "model": {"llm": model["llm"], "encoder": model["encoder"], "adapter": model["adapter"]},
+        "stage": {
+            "name": "speech_in_dialogue",
+            "manifest": "",
+            "manifest_policy": "skip",
+            "llm_path": "",
+            "tokenizer": "",
+            "speech_from": "",
+            "system_role": "",  # "" keeps the template's system line
+            "trainable": [r"^prompt_embeddings/", r"^state_head/"],
+            # Weight of the state CE against the answer CE: not published; 1 (equal) by default.
+            "state_weight": 1.0,
+            "streaming_encoder": True,  # the inference chunk loop (exact); False: whole-turn forward
+            "steps": steps,
+            "batch_size": 32 if big else 4,
+            "buckets": (1024, 2048, 4096) if big else (256, 512),  # LLM positions per dialogue
+            "max_turns": 8 if big else 4,
+            "turn_frames": 1600 if big else 320,  # fbank frames per turn (whole 16-frame chunks)
+            "max_answer_tokens": 1024 if big else 96,  # per dialogue, <|im_end|>s included
+            "spec_augment": {"num_freq_masks": 1, "max_freq_width": 10, "num_time_masks": 1, "max_time_width": 20},
+            "log_every": 10,
+            "save_every": 1000 if big else 100,
+            "keep": 3,
+        },
+        "optimizer": {"lr": 6e-4 if big else 3e-3, "schedule": "warmuplr", "warmup_steps": 200 if big else 20,
+                      "total_steps": steps, "b1": 0.9, "b2": 0.99, "eps": 1e-6, "weight_decay": 0.01,
+                      "clip_norm": 5.0},
+        "mesh": {"shape": (-1, 1, 1)},
+        "seed": 0,
+    })
+    return cfg

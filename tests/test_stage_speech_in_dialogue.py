@@ -1,0 +1,225 @@
+"""Speech-in stage 3 (prompt embeddings + state head on spoken dialogues): the training sequence is
+what streaming inference feeds, labels, frozen weights, gradients through the frozen LLM."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from fo_jax.cli.main import main
+from fo_jax.config import load_config
+from fo_jax.errors import LoadError
+from fo_jax.inference import session as S
+from fo_jax.inference.dialogue import Event
+from fo_jax.inference.sampling import SamplingConfig
+from fo_jax.models.audio_llm import SOURCE_AUDIO, SOURCE_PROMPT, SOURCE_TEXT, state_probs
+from fo_jax.training import trainer
+from fo_jax.training.freeze import fingerprint, flatten, merge, split_trainable
+from fo_jax.training.optim import OptimizerConfig, make_optimizer
+from fo_jax.training.speech_common import init_speech_llm
+from fo_jax.training.stages import build_stage
+from fo_jax.training.stages.speech_in_dialogue import Turn
+from tests.speech_stage_utils import fake_speech_run, speech_world
+
+CONFIG = "configs/speech_in_stage3.py:tiny"
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dialogues")
+    speech_world(root)
+    cfg = load_config(CONFIG, [f"stage.tokenizer={root / 'tok'}"])
+    fake_speech_run(root / "stage2", build_stage(cfg).model)
+    return root
+
+
+def _config(world, *extra):
+    return load_config(CONFIG, [f"stage.tokenizer={world / 'tok'}", f"stage.manifest={world / 'dialogues.jsonl'}",
+                                f"stage.speech_from={world / 'stage2'}", *extra])
+
+
+def _stage(world, *extra):
+    return build_stage(load_config(CONFIG, [f"stage.tokenizer={world / 'tok'}", *extra]))
+
+
+GREEDY = SamplingConfig(top_k=1)
+
+
+def _listen(p, sess, chunks, stage):
+    probs = []
+    for c in chunks:
+        sess, pr = S.listen(p, sess, jnp.asarray(c[None]), jnp.ones((1,), bool), jnp.zeros((1,), bool),
+                            cfg=stage.model, template=stage.template)
+        probs.append(np.asarray(pr[0]))
+    return sess, probs
+
+
+def _speak(p, sess, n, stage):
+    tokens, hidden = [], []
+    for i in range(n):
+        sess, tok, h = S.speak(p, sess, jax.random.key(i)[None], cfg=stage.model, template=stage.template,
+                               sampling=GREEDY)
+        tokens.append(int(tok[0]))
+        hidden.append(np.asarray(h[0]))
+    return sess, tokens, hidden
+
+
+@pytest.mark.parametrize("streaming", [True, False])
+def test_training_sequence_is_what_streaming_inference_feeds(world, streaming):
+    """Addressed, unaddressed (dropped), addressed: state probabilities at every chunk and the hidden
+    states that predict every answer token equal the session's listen / speak outputs."""
+    stage = _stage(world, f"stage.streaming_encoder={streaming}")
+    params = init_speech_llm(stage.model, jax.random.key(1), with_llm=True)
+    rng = np.random.default_rng(0)
+    feats = [rng.normal(3.0, 2.0, (16 * n, 80)).astype(np.float32) for n in (3, 2, 2)]
+    chunks = [f.reshape(-1, 16, 80) for f in feats]
+
+    system = S.prefill_system(params, stage.template, stage.model)
+    sess = S.new_session(system, cfg=stage.model, batch=1, max_len=256)
+    sess, probs1 = _listen(params, sess, chunks[0], stage)
+    sess, answer1, hidden1 = _speak(params, S.apply_event(sess, Event.END_OF_INPUT), 3, stage)
+    sess = S.apply_event(sess, Event.INTERRUPTED)  # fed: speak ids, answer1[0], answer1[1]
+    sess, probs2 = _listen(params, sess, chunks[1], stage)
+    sess = S.apply_event(S.apply_event(sess, Event.VAD_END), Event.VAD_START)  # turn 2 dropped
+    sess, probs3 = _listen(params, sess, chunks[2], stage)
+    sess, answer3, hidden3 = _speak(params, S.apply_event(sess, Event.END_OF_INPUT), 2, stage)
+
+    turns = [Turn(3, tuple(answer1[:2])), Turn(2, None), Turn(2, tuple(answer3[:1]))]
+    batch = stage.rows([turns], [feats], 256)
+    out = jax.jit(stage.outputs)(params, jax.tree.map(jnp.asarray, batch))
+    n_states, n_targets = int(batch["state_w"].sum()), int(batch["target_w"].sum())
+    assert (n_states, n_targets) == (7, 5)
+    tol = 2e-5 if streaming else 1e-4
+    probs = state_probs(out["state_logits"][0, batch["state_pos"][0, :n_states]])
+    np.testing.assert_allclose(probs, np.stack(probs1 + probs2 + probs3), atol=tol)
+    hidden = out["hidden"][0, batch["target_pos"][0, :n_targets]]
+    np.testing.assert_allclose(hidden, np.stack(hidden1 + hidden3), atol=tol)
+    # Targets: the answer as fed, then <|im_end|> where inference would stop.
+    end = stage.template.end_id
+    assert list(batch["target_ids"][0, :n_targets]) == answer1[:2] + [end] + answer3[:1] + [end]
+
+
+def test_layout_token_ids_positions_and_state_labels(world):
+    stage = _stage(world)
+    t, p = stage.template, stage.model.adapter.prompt_num
+    turns = [Turn(2, (40, 41)), Turn(3, None), Turn(1, (42,))]
+    row = stage.layout(turns).arrays(128, 16, 16)
+    tokens, source, index, positions = row["tokens"], row["source"], row["index"], row["positions"]
+    per_turn = stage.turn_chunks * stage.per_chunk
+    turn_len = [len(t.listen_ids) + p + 2 * c for c in (2, 3, 1)]
+    starts = np.cumsum([len(t.system_ids), turn_len[0] + len(t.speak_ids) + 2, turn_len[1]])
+    assert list(tokens[:len(t.system_ids)]) == list(t.system_ids)
+    for k, (start, c) in enumerate(zip(starts, (2, 3, 1))):
+        listen = slice(start, start + len(t.listen_ids))
+        assert list(tokens[listen]) == list(t.listen_ids) and set(source[listen]) == {SOURCE_TEXT}
+        prompts = slice(listen.stop, listen.stop + p)
+        assert set(source[prompts]) == {SOURCE_PROMPT} and list(index[prompts]) == list(range(p))
+        audio = slice(prompts.stop, prompts.stop + 2 * c)
+        assert set(source[audio]) == {SOURCE_AUDIO}
+        assert list(index[audio]) == list(range(k * per_turn, k * per_turn + 2 * c))
+    # State labels on each chunk's last frame: 0 while speaking, 1 (answer) / 2 (not addressed) at the end.
+    n = int(row["state_w"].sum())
+    assert list(row["state_label"][:n]) == [0, 1, 0, 0, 2, 1]
+    chunk_ends = [s + len(t.listen_ids) + p + 2 * i + 1 for s, c in zip(starts, (2, 3, 1)) for i in range(c)]
+    assert list(row["state_pos"][:n]) == chunk_ends
+    # Turn 1's answer: speak ids then the fed answer; targets are predicted from the position before.
+    answer_at = starts[0] + turn_len[0] + len(t.speak_ids)
+    assert list(tokens[answer_at - len(t.speak_ids):answer_at + 2]) == list(t.speak_ids) + [40, 41]
+    assert list(row["target_pos"][:3]) == [answer_at - 1, answer_at, answer_at + 1]
+    # The dropped turn: seen only by itself; turn 3 takes its positions, as the cache reset does.
+    dropped = slice(starts[1], starts[2])
+    assert set(row["until"][dropped]) == {starts[2]} and row["until"][0] == 128
+    assert positions[starts[2]] == positions[starts[1]] == starts[1]
+    assert int(row["lengths"]) == starts[2] + turn_len[2] + len(t.speak_ids) + 1
+
+
+@pytest.fixture(scope="module")
+def run(world, tmp_path_factory):
+    cfg = _config(world, "stage.steps=10", "stage.log_every=1", "stage.spec_augment={}",
+                  "optimizer.schedule='constant'", "optimizer.warmup_steps=1", "optimizer.lr=0.005")
+    workdir = tmp_path_factory.mktemp("run")
+    before = trainer.train(cfg, workdir / "before", max_steps=0, progress=False)
+    summary = trainer.train(cfg, workdir / "run", progress=False)
+    losses = [json.loads(line) for line in (workdir / "run" / "metrics.jsonl").read_text().splitlines()]
+    return cfg, before, summary, losses
+
+
+def test_only_prompts_and_state_head_train_and_frozen_stays_bitwise(run, world):
+    cfg, before, summary, losses = run
+    assert summary["step"] == 10
+    assert set(summary["trainable"]) == {"prompt_embeddings", "state_head"}
+    assert summary["frozen_fingerprint"] == before["frozen_fingerprint"] == fingerprint(summary["frozen"])
+    # Encoder, adapter and task embeddings are the stage-2 run's, CMVN its statistics.
+    from fo_jax.training.checkpoint import load_trained
+
+    trained, meta = load_trained(world / "stage2")
+    for path, value in flatten(trained).items():
+        np.testing.assert_array_equal(flatten(summary["frozen"])[path], value)
+    np.testing.assert_allclose(summary["frozen"]["encoder"]["cmvn_mean"],
+                               np.asarray(meta["cmvn_stats"]["mean_stat"]) / meta["cmvn_stats"]["frame_num"], rtol=1e-6)
+    for leaf, old in zip(jax.tree.leaves(summary["trainable"]), jax.tree.leaves(before["trainable"])):
+        assert not np.array_equal(leaf, old)
+
+
+def test_loss_decreases_on_a_fixed_batch(run):
+    _, _, summary, losses = run
+    # 4 usable dialogues = one batch, no augmentation: every step sees the same batch.
+    assert len({(l["targets"], l["chunks"]) for l in losses}) == 1
+    first, last = losses[0], losses[-3:]
+    assert min(l["state_loss"] for l in last) < 0.6 * first["state_loss"]
+    assert max(l["lm_loss"] for l in last) < first["lm_loss"] - 0.01  # prompts steer the frozen LLM
+    assert min(l["loss"] for l in last) < 0.92 * first["loss"]
+
+
+def test_bad_dialogues_are_reported_and_skipped(run):
+    rejected = run[2]["rejected"]
+    assert any("dialogues.jsonl:5: turn 1: audio file not found" in r for r in rejected)
+    assert any("dialogues.jsonl:6: turn 0: addressed but no answer" in r for r in rejected)
+    assert any("dialogues.jsonl:7: missing or empty field(s) ['turns']" in r for r in rejected)
+    assert any("dialogues.jsonl:8: not valid JSON" in r for r in rejected)
+    assert any("turns > stage.max_turns=4" in r for r in rejected)
+    assert len(rejected) == 5
+
+
+def test_gradients_reach_prompts_and_state_head_through_the_frozen_llm(run, world):
+    cfg = run[0]
+    stage = build_stage(cfg)
+    params = stage.load_params(jax.random.key(0))
+    trainable, frozen = split_trainable(params, stage.trainable)
+    assert not any(p.startswith(("llm/", "encoder/", "adapter/")) for p in flatten(trainable))
+    batch = jax.tree.map(jnp.asarray, next(iter(stage.dataset(0))))
+
+    def objective(t):
+        return stage.loss(merge(t, jax.tree.map(jax.lax.stop_gradient, frozen)), batch, jax.random.key(0))[0]
+
+    grads = jax.jit(jax.grad(objective))(trainable)
+    # Every prompt gets a gradient: it reaches them only through the LLM's attention.
+    assert np.abs(grads["prompt_embeddings"]["embedding"]).sum(-1).min() > 0
+    kernel = np.asarray(grads["state_head"]["kernel"])
+    assert np.abs(kernel[:, :3]).sum() > 0 and not kernel[:, 3].any()  # the 4th class is never read
+    opt_state = make_optimizer(OptimizerConfig()).init(trainable)
+    moments = [x for x in jax.tree.leaves(opt_state) if np.ndim(x) > 0]
+    assert len(moments) == 2 * len(flatten(trainable))
+
+
+def test_example_batch_matches_real_batches(run):
+    stage = build_stage(run[0])
+    real = next(iter(stage.dataset(0)))
+    spec = stage.example_batch(real["tokens"].shape[1])
+    assert {k: (v.shape, v.dtype) for k, v in real.items()} == {k: (v.shape, v.dtype) for k, v in spec.items()}
+
+
+def test_one_line_errors(world, tmp_path, capsys):
+    base = ["train", "--config", CONFIG, "--workdir", str(tmp_path)]
+    assert main(base + ["--set", f"stage.tokenizer={world / 'tok'}"]) == 2
+    assert capsys.readouterr().err.strip() == "error: stage.manifest is required (--set stage.manifest=PATH)"
+    assert main(base + ["--set", f"stage.tokenizer={world / 'tok'}",
+                        "--set", f"stage.manifest={world / 'dialogues.jsonl'}"]) == 2
+    assert "stage.speech_from is required" in capsys.readouterr().err
+    assert main(base + ["--set", f"stage.manifest={world / 'dialogues.jsonl'}"]) == 2
+    assert "stage.llm_path (a HF Qwen2 directory with its tokenizer) is required" in capsys.readouterr().err
+    with pytest.raises(LoadError, match="no training run here"):
+        build_stage(_config(world, f"stage.speech_from={tmp_path}")).load_params(jax.random.key(0))
