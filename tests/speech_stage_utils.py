@@ -8,14 +8,18 @@ import json
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from fo_jax.audio.io import write_wav
 from fo_jax.data.manifest import write_manifest
 from fo_jax.models.configs import ModelConfig
 from fo_jax.text.tokenizer import chatml, train_bpe_tokenizer
+from fo_jax.training import trainer
 from fo_jax.training.checkpoint import TrainCheckpointer
+from fo_jax.training.freeze import flatten, merge, split_trainable
 from fo_jax.training.speech_common import init_speech_llm
+from fo_jax.training.stages import build_stage
 
 TRANSCRIPTS = ["what is two plus three", "the sky is blue", "count from one to four", "hello there",
                "paris is in france", "grass is green", "seven minus two", "good morning"]
@@ -78,3 +82,24 @@ def fake_speech_run(workdir: Path, model: ModelConfig, parts=("encoder", "adapte
     ckpt.save(1, trainable, {"count": np.zeros((), np.int32)}, jax.random.key(0), {}, meta, force=True)
     ckpt.close()
     return trainable
+
+
+def train_run(cfg, workdir: Path) -> tuple[dict, dict, list[dict]]:
+    """(summary before any step, summary after ``stage.steps``, per-step metrics) of a fresh run."""
+    before = trainer.train(cfg, workdir / "before", max_steps=0, progress=False)
+    summary = trainer.train(cfg, workdir / "run", progress=False)
+    metrics = [json.loads(line) for line in (workdir / "run" / "metrics.jsonl").read_text().splitlines()]
+    return before, summary, metrics
+
+
+def stage_gradients(cfg) -> tuple[dict, dict]:
+    """(gradients, trainable params) of a stage's loss on its first batch, both as flat
+    {path: array}, with the frozen params under stop_gradient as the train step has them."""
+    stage = build_stage(cfg)
+    trainable, frozen = split_trainable(stage.load_params(jax.random.key(0)), stage.trainable)
+    batch = jax.tree.map(jnp.asarray, next(iter(stage.dataset(0))))
+
+    def objective(t):
+        return stage.loss(merge(t, jax.tree.map(jax.lax.stop_gradient, frozen)), batch, jax.random.key(0))[0]
+
+    return flatten(jax.jit(jax.grad(objective))(trainable)), flatten(trainable)

@@ -1,11 +1,8 @@
 """Speech-in stage 2 (encoder + adapter + task embeddings into the frozen LLM): the chat layout,
 start from a stage-1 encoder, frozen weights, gradients through the LLM, hand-over to stage 3."""
 
-import json
-
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -19,11 +16,11 @@ from fo_jax.text.tokenizer import load_tokenizer
 from fo_jax.toy.world import TRANSCRIBE_PREFIX
 from fo_jax.training import trainer
 from fo_jax.training.checkpoint import load_trained
-from fo_jax.training.freeze import fingerprint, flatten, merge, split_trainable
+from fo_jax.training.freeze import fingerprint, flatten, unflatten
 from fo_jax.training.optim import OptimizerConfig, make_optimizer
 from fo_jax.training.speech_common import cmvn_params
 from fo_jax.training.stages import build_stage
-from tests.speech_stage_utils import TRANSCRIPTS, fake_speech_run, speech_world
+from tests.speech_stage_utils import TRANSCRIPTS, fake_speech_run, speech_world, stage_gradients, train_run
 
 CONFIG = "configs/speech_in_stage2.py:tiny"
 
@@ -48,10 +45,7 @@ def run(world, tmp_path_factory):
     cfg = _config(world, "stage.steps=10", "stage.log_every=1", "stage.spec_augment={}",
                   "optimizer.schedule=constant", "optimizer.warmup_steps=1", "optimizer.lr=0.003")
     workdir = tmp_path_factory.mktemp("run")
-    before = trainer.train(cfg, workdir / "before", max_steps=0, progress=False)
-    summary = trainer.train(cfg, workdir / "run", progress=False)
-    losses = [json.loads(line) for line in (workdir / "run" / "metrics.jsonl").read_text().splitlines()]
-    return cfg, before, summary, losses, workdir / "run"
+    return (cfg, *train_run(cfg, workdir), workdir / "run")
 
 
 def test_chat_layout_of_an_utterance(world):
@@ -105,23 +99,15 @@ def test_bad_lines_are_reported_and_skipped(run):
 
 
 def test_gradients_reach_encoder_adapter_and_task_embeddings_through_the_frozen_llm(run):
-    stage = build_stage(run[0])
-    params = stage.load_params(jax.random.key(0))
-    trainable, frozen = split_trainable(params, stage.trainable)
-    assert not any(p.startswith(("llm/", "prompt_embeddings/", "state_head/")) for p in flatten(trainable))
-    batch = jax.tree.map(jnp.asarray, next(iter(stage.dataset(0))))
-
-    def objective(t):
-        return stage.loss(merge(t, jax.tree.map(jax.lax.stop_gradient, frozen)), batch, jax.random.key(0))[0]
-
-    grads = flatten(jax.jit(jax.grad(objective))(trainable))
+    grads, trainable = stage_gradients(run[0])
+    assert {p.split("/")[0] for p in grads} == {"encoder", "adapter", "task_embeddings"}
     zero = [p for p, g in grads.items() if p != "task_embeddings/embedding" and not np.any(g)]
     assert not zero, zero  # every encoder and adapter leaf: the LLM's CE reaches it through the LLM
     rows = np.abs(np.asarray(grads["task_embeddings/embedding"])).sum(-1)
     assert rows[TASK_AUDIO_BOS] > 0 and rows[TASK_AUDIO_EOS] > 0
     assert not np.delete(rows, [TASK_AUDIO_BOS, TASK_AUDIO_EOS]).any()  # unused task rows: nothing
-    opt_state = make_optimizer(OptimizerConfig()).init(trainable)
-    assert len([x for x in jax.tree.leaves(opt_state) if np.ndim(x) > 0]) == 2 * len(grads)
+    opt_state = make_optimizer(OptimizerConfig()).init(unflatten(trainable))
+    assert len([x for x in jax.tree.leaves(opt_state) if np.ndim(x) > 0]) == 2 * len(trainable)
 
 
 def test_stage3_takes_this_runs_speech_path(run, world):

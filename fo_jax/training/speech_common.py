@@ -24,6 +24,8 @@ import numpy as np
 import optax
 
 from fo_jax.audio.cmvn import cmvn_from_stats
+from fo_jax.audio.fbank import CHUNK_FRAMES
+from fo_jax.config import model_config
 from fo_jax.conversion.hf_qwen2 import load_hf_config, load_hf_qwen2
 from fo_jax.errors import ConfigError, LoadError
 from fo_jax.models.audio_llm import (AudioLLM, SOURCE_AUDIO, SOURCE_PROMPT, SOURCE_TASK, SOURCE_TEXT, init_params,
@@ -75,6 +77,18 @@ class LLMSource:
         if self.path is None:
             return None
         return load_hf_qwen2(self.path, dtype=self.config.dtype, param_dtype=self.config.param_dtype)[1]
+
+
+def speech_model(cfg: Any) -> tuple[LLMSource, ModelConfig]:
+    """A speech-in stage's LLM source and model config (the LLM's architecture from ``stage.llm_path``
+    when given). The data's 160 ms chunks must be the encoder's streaming chunks."""
+    model = model_config(cfg)
+    llm = LLMSource.from_stage(cfg.stage, model.llm)
+    model = dataclasses.replace(model, llm=llm.config)
+    if 4 * model.encoder.chunk_size != CHUNK_FRAMES:
+        raise ConfigError(f"model.encoder.chunk_size={model.encoder.chunk_size}: speech is framed in "
+                          f"{CHUNK_FRAMES}-frame chunks, i.e. chunk_size {CHUNK_FRAMES // 4}")
+    return llm, model
 
 
 def init_speech_llm(model: ModelConfig, rng: jax.Array, with_llm: bool) -> dict:

@@ -36,7 +36,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from fo_jax.audio.fbank import CHUNK_FRAMES, CHUNK_OVERLAP, NUM_MEL_BINS
-from fo_jax.config import model_config
 from fo_jax.data.augment import SpecAugmentConfig, spec_augment
 from fo_jax.data.manifest import read_manifest
 from fo_jax.data.prepare import check_audio
@@ -46,10 +45,9 @@ from fo_jax.models.adapter import output_frames
 from fo_jax.models.audio_llm import (HEAD_KEEP_LISTENING, HEAD_START_SPEAKING, HEAD_STOP_LISTENING, ChatTemplate,
                                      encode_speech, init_params, stream_speech)
 from fo_jax.training.checkpoint import load_trained
-from fo_jax.training.speech_common import (Layout, LLMSource, check_same_model, cmvn_params, graft,
-                                           init_speech_llm, layout_spec, run_cmvn_stats, sequence_forward,
+from fo_jax.training.speech_common import (Layout, check_same_model, cmvn_params, graft, init_speech_llm,
+                                           layout_spec, run_cmvn_stats, sequence_forward, speech_model,
                                            state_cross_entropy, target_cross_entropy)
-from fo_jax.training.stages.speech_in_llm import check_stream_framing
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,10 +88,7 @@ class SpeechInDialogueStage:
     def __init__(self, cfg):
         s = cfg.stage
         self.trainable = tuple(s.trainable)
-        model = model_config(cfg)
-        self.llm = LLMSource.from_stage(s, model.llm)
-        self.model = dataclasses.replace(model, llm=self.llm.config)
-        check_stream_framing(self.model)
+        self.llm, self.model = speech_model(cfg)
         self.batch_size, self.boundaries = s.batch_size, tuple(s.buckets)
         self.max_turns, self.max_targets = s.max_turns, s.max_answer_tokens
         if s.turn_frames % CHUNK_FRAMES:

@@ -20,7 +20,6 @@ estimated from the manifest). The CMVN statistics stay frozen; the run's meta ca
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import jax
@@ -28,7 +27,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from fo_jax.audio.fbank import CHUNK_FRAMES, CHUNK_OVERLAP, NUM_MEL_BINS
-from fo_jax.config import model_config
 from fo_jax.data.augment import SpecAugmentConfig
 from fo_jax.data.bucketing import pad_to
 from fo_jax.data.manifest import read_manifest
@@ -41,26 +39,16 @@ from fo_jax.models.audio_llm import (AUDIO_PLACEHOLDER, TASK_AUDIO_BOS, TASK_AUD
                                      init_params)
 from fo_jax.text.tokenizer import chatml
 from fo_jax.training.checkpoint import load_trained
-from fo_jax.training.speech_common import (Layout, LLMSource, check_same_model, cmvn_params, graft,
-                                           init_speech_llm, layout_spec, run_cmvn_stats, sequence_forward,
+from fo_jax.training.speech_common import (Layout, check_same_model, cmvn_params, graft, init_speech_llm,
+                                           layout_spec, run_cmvn_stats, sequence_forward, speech_model,
                                            target_cross_entropy)
-
-
-def check_stream_framing(model) -> None:
-    """The data's 160 ms chunks must be the encoder's streaming chunks."""
-    if 4 * model.encoder.chunk_size != CHUNK_FRAMES:
-        raise ConfigError(f"model.encoder.chunk_size={model.encoder.chunk_size}: speech is framed in "
-                          f"{CHUNK_FRAMES}-frame chunks, i.e. chunk_size {CHUNK_FRAMES // 4}")
 
 
 class SpeechInLLMStage:
     def __init__(self, cfg):
         s = cfg.stage
         self.trainable = tuple(s.trainable)
-        model = model_config(cfg)
-        self.llm = LLMSource.from_stage(s, model.llm)
-        self.model = dataclasses.replace(model, llm=self.llm.config)
-        check_stream_framing(self.model)
+        self.llm, self.model = speech_model(cfg)
         self.bos_eos = bool(s.audio_bos_eos)
         if self.bos_eos and self.model.adapter.task_num <= TASK_AUDIO_EOS:
             raise ConfigError(f"model.adapter.task_num={self.model.adapter.task_num}: audio bos/eos use task "
