@@ -20,6 +20,7 @@ import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
+import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 from tensorboardX import SummaryWriter
 from tqdm import tqdm
@@ -48,16 +49,13 @@ class _Preemption:
         signal.signal(signal.SIGTERM, self._previous)
 
 
-def _on_mesh(sharding_tree: Any, mesh) -> Any:
-    """Shardings chosen by XLA for optimizer state, with scalar counters replicated on the mesh
-    (jit leaves them committed to one device, which the train step would reject)."""
-    replicated = NamedSharding(mesh, P())
-    return jax.tree.map(lambda sh: sh if isinstance(sh, NamedSharding) else replicated, sharding_tree)
-
-
 def _init_optimizer(optimizer, trainable, mesh):
-    compiled = jax.jit(optimizer.init).lower(trainable).compile()
-    shardings = _on_mesh(compiled.output_shardings, mesh)
+    """Jitted ``optimizer.init`` and its output shardings: state that mirrors the params (Adam's
+    moments) sharded like them, the rest (step counters) replicated. (Left to itself, XLA
+    replicates the zeros it creates: the whole optimizer state on every device.)"""
+    replicated = NamedSharding(mesh, P())
+    shardings = optax.tree_map_params(optimizer, lambda _, param: param.sharding, jax.eval_shape(optimizer.init, trainable),
+                                      trainable, transform_non_params=lambda _: replicated)
     return jax.jit(optimizer.init, out_shardings=shardings), shardings
 
 
