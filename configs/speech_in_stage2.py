@@ -21,10 +21,12 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
         raise ValueError(f"unknown variant {variant!r}; expected tiny or freeze_omni")
     model = load_config(f"configs/freeze_omni.py:{variant}").model.to_dict()
     big = variant == "freeze_omni"
+    # At scale: LLM blocks scanned over stacked params and rematerialised, encoder blocks
+    # rematerialised (BENCHMARKS.md, speech-in 2 memory); tiny keeps the inference layout.
+    model["llm"].update(remat=big, scan_layers=big)
+    model["encoder"]["remat"] = big
     if big:
-        model["llm"]["remat"] = True
-        model["encoder"].update(remat=True, dtype="bfloat16")
-        model["adapter"]["dtype"] = "bfloat16"
+        model["encoder"]["dtype"] = model["adapter"]["dtype"] = "bfloat16"
     steps = ml_collections.FieldReference(40000 if big else 300)
     cfg = ml_collections.ConfigDict({
         "model": {"llm": model["llm"], "encoder": model["encoder"], "adapter": model["adapter"]},

@@ -19,8 +19,8 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
         raise ValueError(f"unknown variant {variant!r}; expected tiny or freeze_omni")
     model = load_config(f"configs/freeze_omni.py:{variant}").model.to_dict()
     big = variant == "freeze_omni"
-    if big:
-        model["llm"]["remat"] = True  # the encoder is frozen: no backward pass through it
+    # At scale: LLM blocks scanned and rematerialised (the frozen encoder has no backward pass).
+    model["llm"].update(remat=big, scan_layers=big)
     steps = ml_collections.FieldReference(20000 if big else 300)
     cfg = ml_collections.ConfigDict({
         "model": {"llm": model["llm"], "encoder": model["encoder"], "adapter": model["adapter"]},

@@ -7,7 +7,9 @@ mesh axes. The mesh uses ``AxisType.Auto`` (GSPMD propagation), passed explicitl
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+import contextlib
+import contextvars
+from typing import Any, Callable, Iterator, Sequence
 
 import flax.linen as nn
 import jax
@@ -32,6 +34,32 @@ LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
     ("cache_batch", ("data", "fsdp")),
     ("cache_len", None),
 )
+
+
+# (mesh, rules) while ``activation_rules`` is on (tracing a training step), else None.
+_ACTIVATIONS: contextvars.ContextVar[tuple[Mesh, Sequence[tuple[str, Any]]] | None] = contextvars.ContextVar(
+    "fo_jax_activation_rules", default=None)
+
+
+@contextlib.contextmanager
+def activation_rules(mesh: Mesh, rules: Sequence[tuple[str, Any]] = LOGICAL_RULES) -> Iterator[None]:
+    """While tracing, turns the models' ``constrain`` calls (no-ops otherwise) into sharding
+    constraints on ``mesh``. Usable inside ``jax.jit``. (Not flax's global-mesh logical rules:
+    under a global mesh flax also constrains the params it shape-checks, which breaks on
+    ``DenseGeneral`` kernels.)"""
+    token = _ACTIVATIONS.set((mesh, rules))
+    try:
+        yield
+    finally:
+        _ACTIVATIONS.reset(token)
+
+
+def constrain(x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
+    """``x`` constrained to the sharding of its logical axis ``names`` under ``activation_rules``; else ``x``."""
+    active = _ACTIVATIONS.get()
+    if active is None:
+        return x
+    return jax.lax.with_sharding_constraint(x, logical_to_sharding(names, *active))
 
 
 def make_mesh(shape: Sequence[int] = (-1, 1, 1), devices: Sequence[jax.Device] | None = None) -> Mesh:

@@ -11,7 +11,7 @@ from fo_jax.config import load_config
 from fo_jax.conversion.hf_qwen2 import save_hf_qwen2
 from fo_jax.errors import LoadError
 from fo_jax.models.audio_llm import SOURCE_AUDIO, SOURCE_TASK, TASK_AUDIO_BOS, TASK_AUDIO_EOS
-from fo_jax.models.qwen2 import init_params as init_qwen2
+from fo_jax.models.qwen2 import init_params as init_qwen2, unstack_layers
 from fo_jax.text.tokenizer import load_tokenizer
 from fo_jax.toy.world import TRANSCRIBE_PREFIX
 from fo_jax.training import trainer
@@ -129,16 +129,20 @@ def test_example_batch_matches_real_batches(run):
     assert {k: (v.shape, v.dtype) for k, v in real.items()} == {k: (v.shape, v.dtype) for k, v in spec.items()}
 
 
-def test_llm_from_a_hf_directory(world, tmp_path):
+@pytest.mark.parametrize("scan", [False, True])
+def test_llm_from_a_hf_directory(world, tmp_path, scan):
     tiny = build_stage(load_config(CONFIG, [f"stage.tokenizer={world / 'tok'}"])).model.llm
     llm = jax.device_get(jax.jit(lambda r: nn.unbox(init_qwen2(tiny, r)))(jax.random.key(3)))
     save_hf_qwen2(tmp_path / "llm", tiny, llm)
     load_tokenizer(world / "tok").save_pretrained(tmp_path / "llm")
-    cfg = _config(world, f"stage.llm_path={tmp_path / 'llm'}", "stage.tokenizer=''")
+    cfg = _config(world, f"stage.llm_path={tmp_path / 'llm'}", "stage.tokenizer=''", f"model.llm.scan_layers={scan}")
     stage = build_stage(cfg)
-    assert stage.model.llm.vocab_size == tiny.vocab_size
+    assert stage.model.llm.vocab_size == tiny.vocab_size and stage.model.llm.scan_layers == scan
     params = stage.load_params(jax.random.key(0))
-    jax.tree.map(np.testing.assert_array_equal, params["llm"], llm)
+    # The training layout: layers stacked for the scan when the config asks for it.
+    jax.tree.map(np.testing.assert_array_equal, unstack_layers(params["llm"]) if scan else params["llm"], llm)
+    shapes = jax.eval_shape(stage.init_boxed, jax.random.key(0))["llm"]
+    assert jax.tree.map(np.shape, nn.unbox(shapes)) == jax.tree.map(np.shape, params["llm"])
     with pytest.raises(LoadError, match="not a directory"):
         build_stage(_config(world, f"stage.llm_path={tmp_path / 'nope'}"))
 

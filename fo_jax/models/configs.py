@@ -54,6 +54,8 @@ class LLMConfig:
     dtype: str = "float32"  # activations / compute
     param_dtype: str = "float32"
     remat: bool = False  # rematerialise each block in the backward pass (training)
+    # Training layout: one block scanned over stacked params (``qwen2.stack_layers``); no KV cache.
+    scan_layers: bool = False
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:

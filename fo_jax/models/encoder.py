@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fo_jax import sharding
 from fo_jax.errors import ConfigError
 from fo_jax.models.configs import EncoderConfig, to_dtype
 
@@ -450,6 +451,7 @@ class SpeechEncoder(nn.Module):
         positions_t = jnp.arange(t) if positions_t is None else positions_t
         pe = self.pos_dropout(sinusoid(positions_t, cfg.hidden_size)[None], deterministic=deterministic)
         for layer in self.encoders:
+            x = sharding.constrain(x, ("act_batch", None, None))  # as Qwen2: batch-split under rules
             x = layer(x, mask, pe, deterministic)
         return self.after_norm(x), enc_lengths
 

@@ -10,7 +10,9 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from fo_jax import sharding
 from fo_jax.layers.attention import Attention
 from fo_jax.layers.kv_cache import KVCache
 from fo_jax.layers.mlp import DEFAULT_INIT, SwiGLU
@@ -37,6 +39,18 @@ class Qwen2Block(nn.Module):
         return x_btd + h, cache
 
 
+class ScannedBlock(nn.Module):
+    """One step of the ``scan_layers`` stack: (x, positions, mask) -> (x, None); params under ``block``."""
+
+    config: LLMConfig
+
+    @nn.compact
+    def __call__(self, x_btd, positions_bt, mask_bts):
+        x_btd = sharding.constrain(x_btd, ("act_batch", None, None))
+        x_btd, _ = Qwen2Block(self.config, name="block")(x_btd, positions_bt, mask_bts, None, 0)
+        return x_btd, None
+
+
 class Qwen2(nn.Module):
     """Qwen2 causal LM.
 
@@ -55,8 +69,16 @@ class Qwen2(nn.Module):
         self.embed_tokens = nn.Embed(
             cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=pdtype,
             embedding_init=nn.with_logical_partitioning(DEFAULT_INIT, ("vocab", "embed")))
-        block = nn.remat(Qwen2Block, static_argnums=(5,)) if cfg.remat else Qwen2Block
-        self.layers = [block(cfg) for _ in range(cfg.num_layers)]
+        if cfg.scan_layers:
+            # One block scanned over stacked params (layers/block/..., leading layer axis): each
+            # iteration gathers its own sharded weights and reuses the buffers of the last.
+            step = nn.remat(ScannedBlock, prevent_cse=False) if cfg.remat else ScannedBlock
+            self.layers = nn.scan(step, variable_axes={"params": 0}, split_rngs={"params": True},
+                                  in_axes=(nn.broadcast, nn.broadcast), length=cfg.num_layers,
+                                  metadata_params={nn.PARTITION_NAME: "layers"})(cfg)
+        else:
+            block = nn.remat(Qwen2Block, static_argnums=(5,)) if cfg.remat else Qwen2Block
+            self.layers = [block(cfg) for _ in range(cfg.num_layers)]
         self.norm = RMSNorm(cfg.rms_norm_eps, pdtype)
         if not cfg.tie_word_embeddings:
             self.lm_head = nn.Dense(
@@ -116,7 +138,15 @@ class Qwen2(nn.Module):
             slots = jnp.arange(cache.max_len)
             mask = slots[None, None, :] <= positions[:, :, None]
         x = x_btd.astype(to_dtype(self.config.dtype))
+        if self.config.scan_layers:
+            if cache is not None:
+                raise ValueError("scan_layers is the training layout (no KV cache); unstack_layers gives per-layer params")
+            x, _ = self.layers(x, positions, mask)
+            return self.norm(x), None
         for i, layer in enumerate(self.layers):
+            # Under activation rules (training), activations stay split by batch between blocks (FSDP:
+            # the weights are gathered, not the activations); a no-op without rules.
+            x = sharding.constrain(x, ("act_batch", None, None))
             x, cache = layer(x, positions, mask, cache, i)
         if cache is not None:
             cache = cache.replace(lengths=cache.lengths + lengths_b.astype(jnp.int32))
@@ -127,6 +157,23 @@ class Qwen2(nn.Module):
         """Full-sequence logits (training, parity): (B, T) ids -> (B, T, V) float32."""
         hidden, _ = self(self.embed(tokens_bt), lengths_b)
         return self.logits(hidden)
+
+
+def stack_layers(params: dict, num_layers: int) -> dict:
+    """Per-layer params (``layers_{i}/...``, the HF-mapped layout) -> the ``scan_layers`` layout
+    (``layers/block/...`` with a leading layer axis). Host (numpy) or device arrays."""
+    layers = [params[f"layers_{i}"] for i in range(num_layers)]
+    stack = np.stack if isinstance(jax.tree.leaves(layers[0])[0], np.ndarray) else jnp.stack
+    rest = {k: v for k, v in params.items() if not k.startswith("layers_")}
+    return rest | {"layers": {"block": jax.tree.map(lambda *xs: stack(xs), *layers)}}
+
+
+def unstack_layers(params: dict) -> dict:
+    """Inverse of ``stack_layers``."""
+    block = params["layers"]["block"]
+    n = jax.tree.leaves(block)[0].shape[0]
+    rest = {k: v for k, v in params.items() if k != "layers"}
+    return rest | {f"layers_{i}": jax.tree.map(lambda x: x[i], block) for i in range(n)}
 
 
 def init_params(config: LLMConfig, rng: jax.Array) -> dict:

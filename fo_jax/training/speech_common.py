@@ -31,6 +31,7 @@ from fo_jax.errors import ConfigError, LoadError
 from fo_jax.models.audio_llm import (AudioLLM, SOURCE_AUDIO, SOURCE_PROMPT, SOURCE_TASK, SOURCE_TEXT, init_params,
                                      state_log_probs)
 from fo_jax.models.configs import LLMConfig, ModelConfig
+from fo_jax.models.qwen2 import stack_layers
 from fo_jax.text.tokenizer import load_tokenizer
 from fo_jax.training.freeze import flatten, unflatten
 
@@ -56,10 +57,11 @@ class LLMSource:
 
     @classmethod
     def from_stage(cls, stage: Any, llm: LLMConfig) -> "LLMSource":
-        """From ``stage.llm_path`` or ``stage.tokenizer``. The run config keeps the say on dtypes and
-        remat; a HF directory sets the architecture."""
+        """From ``stage.llm_path`` or ``stage.tokenizer``. The run config keeps the say on dtypes,
+        remat and layer scanning; a HF directory sets the architecture."""
         if stage.get("llm_path"):
-            hf = load_hf_config(stage.llm_path, dtype=llm.dtype, param_dtype=llm.param_dtype, remat=llm.remat)
+            hf = load_hf_config(stage.llm_path, dtype=llm.dtype, param_dtype=llm.param_dtype, remat=llm.remat,
+                                scan_layers=llm.scan_layers)
             return cls(hf, str(stage.llm_path), load_tokenizer(stage.llm_path))
         if stage.get("tokenizer"):
             tokenizer = load_tokenizer(stage.tokenizer)
@@ -73,10 +75,12 @@ class LLMSource:
         return self.tokenizer
 
     def params(self) -> dict | None:
-        """The HF weights as a numpy tree (param dtype of the run config), or None for a random LLM."""
+        """The HF weights as a numpy tree (param dtype and layer layout of the run config), or None
+        for a random LLM."""
         if self.path is None:
             return None
-        return load_hf_qwen2(self.path, dtype=self.config.dtype, param_dtype=self.config.param_dtype)[1]
+        params = load_hf_qwen2(self.path, dtype=self.config.dtype, param_dtype=self.config.param_dtype)[1]
+        return stack_layers(params, self.config.num_layers) if self.config.scan_layers else params
 
 
 def speech_model(cfg: Any) -> tuple[LLMSource, ModelConfig]:

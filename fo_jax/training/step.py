@@ -8,19 +8,25 @@ The trainable tree and optimizer state are donated; the frozen tree never is.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Callable
 
 import jax
 import optax
+from jax.sharding import Mesh
 
+from fo_jax import sharding
 from fo_jax.training.freeze import merge
 
 LossFn = Callable[[dict, Any, jax.Array], tuple[jax.Array, dict]]
 
 
 def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation,
-                    in_shardings: Any = None, out_shardings: Any = None):
+                    in_shardings: Any = None, out_shardings: Any = None, mesh: Mesh | None = None):
     """Returns jitted ``step(trainable, opt_state, frozen, batch, rng) -> (trainable, opt_state, metrics)``.
+
+    With a ``mesh``, the loss is traced under the sharding rules (``sharding.activation_rules``):
+    the models' activation constraints apply.
 
     ``metrics`` holds the loss_fn's metrics plus ``loss`` and ``grad_norm`` (before clipping).
     Shardings, when given, are passed to ``jax.jit`` for the five inputs / three outputs.
@@ -28,7 +34,8 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation,
 
     def step(trainable, opt_state, frozen, batch, rng):
         def objective(t):
-            return loss_fn(merge(t, jax.tree.map(jax.lax.stop_gradient, frozen)), batch, rng)
+            with contextlib.nullcontext() if mesh is None else sharding.activation_rules(mesh):
+                return loss_fn(merge(t, jax.tree.map(jax.lax.stop_gradient, frozen)), batch, rng)
 
         (loss, metrics), grads = jax.value_and_grad(objective, has_aux=True)(trainable)
         updates, opt_state = optimizer.update(grads, opt_state, trainable)

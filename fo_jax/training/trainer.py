@@ -66,7 +66,7 @@ def _setup(cfg: ml_collections.ConfigDict):
     rng = jax.random.key(cfg.get("seed", 0))
     shardings = sharding.param_shardings(jax.eval_shape(stage.init_boxed, rng), mesh)
     optimizer = make_optimizer(OptimizerConfig.from_dict(cfg.optimizer.to_dict()))
-    step_fn = make_train_step(stage.loss, optimizer)
+    step_fn = make_train_step(stage.loss, optimizer, mesh=mesh)
     return mesh, stage, rng, shardings, optimizer, step_fn
 
 
