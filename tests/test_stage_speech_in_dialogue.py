@@ -4,7 +4,6 @@ what streaming inference feeds, labels, frozen weights, gradients through the fr
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 from fo_jax.cli.main import main

@@ -6,8 +6,9 @@ masked next-token targets. The frozen-LLM speech stages use ``fo_jax.training`` 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-from typing import Iterator
+from typing import Any, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +18,13 @@ import optax
 from fo_jax.models.configs import LLMConfig
 from fo_jax.models.qwen2 import Qwen2
 from fo_jax.training import optim
+
+
+def fit_vocab(llm: LLMConfig, tokenizer: Any) -> LLMConfig:
+    """A random LLM's config grown to hold the tokenizer (vocab rounded up to 64), its eos = the
+    tokenizer's."""
+    vocab = -(-len(tokenizer) // 64) * 64
+    return dataclasses.replace(llm, vocab_size=max(llm.vocab_size, vocab), eos_token_ids=(tokenizer.eos_token_id,))
 
 
 def next_token_loss(params: dict, cfg: LLMConfig, tokens_bt: jax.Array, mask_bt: jax.Array) -> jax.Array:

@@ -33,17 +33,12 @@ from fo_jax.models.audio_llm import (AudioLLM, SOURCE_AUDIO, SOURCE_PROMPT, SOUR
 from fo_jax.models.configs import LLMConfig, ModelConfig
 from fo_jax.models.qwen2 import stack_layers
 from fo_jax.text.tokenizer import load_tokenizer
+from fo_jax.training.checkpoint import load_trained
 from fo_jax.training.freeze import flatten, unflatten
+from fo_jax.training.lm import fit_vocab
 
 
 # --- the frozen LLM -----------------------------------------------------------------------------
-
-def fit_vocab(llm: LLMConfig, tokenizer: Any) -> LLMConfig:
-    """A random LLM's config grown to hold the tokenizer (vocab rounded up to 64), its eos = the
-    tokenizer's."""
-    vocab = -(-len(tokenizer) // 64) * 64
-    return dataclasses.replace(llm, vocab_size=max(llm.vocab_size, vocab), eos_token_ids=(tokenizer.eos_token_id,))
-
 
 @dataclasses.dataclass
 class LLMSource:
@@ -107,6 +102,28 @@ def init_speech_llm(model: ModelConfig, rng: jax.Array, with_llm: bool) -> dict:
 
 
 # --- params carried over from an earlier run ----------------------------------------------------
+
+def start_params(llm: LLMSource, model: ModelConfig, rng: jax.Array, run: str | None,
+                 parts: dict[str, str | None], what: str) -> tuple[dict, dict | None]:
+    """A speech-in stage's starting params and the CMVN sums they go with.
+
+    Random AudioLLM params, the LLM from its source, and ``parts`` (name -> regex of leaves the
+    run's checkpoint does not hold, e.g. the CMVN ones) from the earlier ``run`` (a workdir, or None:
+    no CMVN sums either; the stage estimates them).
+    """
+    params = init_speech_llm(model, rng, with_llm=llm.path is None)
+    if llm.path is not None:
+        params["llm"] = llm.params()
+    if run is None:
+        return params, None
+    trained, meta = load_trained(run)
+    check_same_model(model, meta["config"].get("model", {}), [p for p in parts if p in ("encoder", "adapter")], what)
+    for part, keep in parts.items():
+        if part not in trained:
+            raise ConfigError(f"{what}: that run trained no {part}")
+        params[part] = graft(params[part], trained[part], what, keep)
+    return params, run_cmvn_stats(meta, run)
+
 
 def cmvn_params(stats: dict) -> dict:
     """Encoder CMVN leaves from global CMVN sums (``fo_jax.audio.cmvn`` JSON format)."""

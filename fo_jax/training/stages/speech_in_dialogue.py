@@ -44,10 +44,8 @@ from fo_jax.errors import ConfigError
 from fo_jax.models.adapter import output_frames
 from fo_jax.models.audio_llm import (HEAD_KEEP_LISTENING, HEAD_START_SPEAKING, HEAD_STOP_LISTENING, ChatTemplate,
                                      encode_speech, init_params, stream_speech)
-from fo_jax.training.checkpoint import load_trained
-from fo_jax.training.speech_common import (Layout, check_same_model, cmvn_params, graft, init_speech_llm,
-                                           layout_spec, run_cmvn_stats, sequence_forward, speech_model,
-                                           state_cross_entropy, target_cross_entropy)
+from fo_jax.training.speech_common import (Layout, cmvn_params, layout_spec, sequence_forward, speech_model,
+                                           start_params, state_cross_entropy, target_cross_entropy)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -205,17 +203,9 @@ class SpeechInDialogueStage:
         self._require_data()
         if not self.speech_from:
             raise ConfigError("stage.speech_from is required (--set stage.speech_from=WORKDIR of a speech-in 2 run)")
-        params = init_speech_llm(self.model, rng, with_llm=self.llm.path is None)
-        if self.llm.path is not None:
-            params["llm"] = self.llm.params()
-        what = f"stage.speech_from={self.speech_from}"
-        trained, meta = load_trained(self.speech_from)
-        check_same_model(self.model, meta["config"].get("model", {}), ["encoder", "adapter"], what)
-        for part, keep in (("encoder", r"^cmvn_"), ("adapter", None), ("task_embeddings", None)):
-            if part not in trained:
-                raise ConfigError(f"{what}: that run trained no {part} (not a speech-in 2 run?)")
-            params[part] = graft(params[part], trained[part], what, keep)
-        stats = run_cmvn_stats(meta, self.speech_from)
+        params, stats = start_params(self.llm, self.model, rng, self.speech_from,
+                                     {"encoder": r"^cmvn_", "adapter": None, "task_embeddings": None},
+                                     f"stage.speech_from={self.speech_from}")
         params["encoder"] = {**params["encoder"], **cmvn_params(stats)}
         self.meta = {"cmvn_stats": stats}
         return params

@@ -38,10 +38,8 @@ from fo_jax.models.adapter import output_frames
 from fo_jax.models.audio_llm import (AUDIO_PLACEHOLDER, TASK_AUDIO_BOS, TASK_AUDIO_EOS, ChatTemplate, encode_speech,
                                      init_params)
 from fo_jax.text.tokenizer import chatml
-from fo_jax.training.checkpoint import load_trained
-from fo_jax.training.speech_common import (Layout, check_same_model, cmvn_params, graft, init_speech_llm,
-                                           layout_spec, run_cmvn_stats, sequence_forward, speech_model,
-                                           target_cross_entropy)
+from fo_jax.training.speech_common import (Layout, cmvn_params, layout_spec, sequence_forward, speech_model,
+                                           start_params, target_cross_entropy)
 
 
 class SpeechInLLMStage:
@@ -114,18 +112,9 @@ class SpeechInLLMStage:
 
     def load_params(self, rng):
         self._require_data()
-        params = init_speech_llm(self.model, rng, with_llm=self.llm.path is None)
-        if self.llm.path is not None:
-            params["llm"] = self.llm.params()
-        if self.encoder_from:
-            what = f"stage.encoder_from={self.encoder_from}"
-            trained, meta = load_trained(self.encoder_from)
-            if "encoder" not in trained:
-                raise ConfigError(f"{what}: that run trained no encoder")
-            check_same_model(self.model, meta["config"].get("model", {}), ["encoder"], what)
-            params["encoder"] = graft(params["encoder"], trained["encoder"], what, keep=r"^cmvn_")
-            stats = run_cmvn_stats(meta, self.encoder_from)
-        else:
+        params, stats = start_params(self.llm, self.model, rng, self.encoder_from, {"encoder": r"^cmvn_"},
+                                     f"stage.encoder_from={self.encoder_from}")
+        if stats is None:  # a fresh encoder: statistics of this manifest
             stats = cmvn_stats_of(self.records[: self.cmvn_utterances], self.base)
         params["encoder"] = {**params["encoder"], **cmvn_params(stats)}
         self.meta = {"cmvn_stats": stats}

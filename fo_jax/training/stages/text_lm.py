@@ -6,7 +6,6 @@ part of a loaded HF Qwen2 (``stage.init_from``) with the rest frozen.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import flax.linen as nn
@@ -20,7 +19,7 @@ from fo_jax.data.text import encode_record
 from fo_jax.errors import ConfigError
 from fo_jax.models.qwen2 import init_params
 from fo_jax.text.tokenizer import load_tokenizer
-from fo_jax.training.lm import next_token_loss
+from fo_jax.training.lm import fit_vocab, next_token_loss
 
 
 class TextLMStage:
@@ -36,9 +35,7 @@ class TextLMStage:
             llm, self._pretrained = load_hf_qwen2(s.init_from, dtype=llm.dtype)
         else:
             self._pretrained = None
-            vocab = -(-len(self.tokenizer) // 64) * 64
-            llm = dataclasses.replace(llm, vocab_size=max(llm.vocab_size, vocab),
-                                      eos_token_ids=(self.tokenizer.eos_token_id,))
+            llm = fit_vocab(llm, self.tokenizer)
         if len(self.tokenizer) > llm.vocab_size:
             raise ConfigError(f"{s.tokenizer}: tokenizer has {len(self.tokenizer)} tokens, model vocab {llm.vocab_size}")
         self.llm = llm
