@@ -10,7 +10,8 @@ from fo_jax.cli.main import main
 from fo_jax.config import load_config
 from fo_jax.conversion.hf_qwen2 import save_hf_qwen2
 from fo_jax.errors import LoadError
-from fo_jax.models.audio_llm import SOURCE_AUDIO, SOURCE_TASK, TASK_AUDIO_BOS, TASK_AUDIO_EOS
+from fo_jax.models.audio_llm import (SOURCE_AUDIO, SOURCE_TASK, TASK_AUDIO_BOS, TASK_AUDIO_EOS, encode_speech,
+                                     stream_speech)
 from fo_jax.models.qwen2 import init_params as init_qwen2, unstack_layers
 from fo_jax.text.tokenizer import load_tokenizer
 from fo_jax.toy.world import TRANSCRIBE_PREFIX
@@ -120,6 +121,21 @@ def test_stage3_takes_this_runs_speech_path(run, world):
         for path, value in flatten(summary["trainable"][part]).items():
             np.testing.assert_array_equal(loaded[path], value)
     np.testing.assert_array_equal(params["encoder"]["cmvn_mean"], summary["frozen"]["encoder"]["cmvn_mean"])
+
+
+def test_training_speech_is_what_the_stream_gives(run):
+    """Stage 2's whole-utterance forward on its stream-framed batch (zero overlap frames, whole
+    chunks) equals the streaming chunk loop inference runs (turns here are < 17 chunks)."""
+    stage = build_stage(run[0])
+    params = stage.load_params(jax.random.key(0))
+    batch = next(iter(stage.dataset(0)))
+    whole, valid = jax.jit(lambda p, f, n: encode_speech(p, stage.model, f, n))(params, batch["feats"],
+                                                                                  batch["feat_lengths"])
+    streamed = jax.jit(lambda p, f: stream_speech(p, stage.model, f))(params, batch["feats"])
+    n = np.asarray(valid).sum(1)
+    assert list(n) == list((batch["feat_lengths"] - 3) // 16 * 2)
+    for row, count in enumerate(n):
+        np.testing.assert_allclose(whole[row, :count], streamed[row, :count], atol=1e-4)
 
 
 def test_example_batch_matches_real_batches(run):
