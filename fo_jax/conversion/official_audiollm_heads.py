@@ -39,7 +39,7 @@ def expected_head_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
 
 def convert_heads(state_dict: Mapping[str, Any], cfg: ModelConfig,
                   source: str = "final.pt") -> tuple[dict, set[str]]:
-    """Official head tensors -> our param subtrees, in the adapter's param dtype (as ``AudioLLM``).
+    """Official head tensors -> our param subtrees, in the LLM param dtype.
 
     Args:
       state_dict: official name -> array (numpy or anything ``np.asarray`` takes); other keys are
@@ -52,7 +52,7 @@ def convert_heads(state_dict: Mapping[str, Any], cfg: ModelConfig,
       LoadError: naming ``source`` and the missing or wrong-shape key.
     """
     shapes = expected_head_shapes(cfg)
-    dtype = to_dtype(cfg.adapter.param_dtype)
+    dtype = to_dtype(cfg.llm.param_dtype)
     params: dict = {}
     used: set[str] = set()
     for key, path, to_ours in HEADS_TABLE:

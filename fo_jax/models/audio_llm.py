@@ -137,8 +137,9 @@ class AudioLLM(nn.Module):
 
     def setup(self):
         cfg = self.config
-        # The heads compute in the LLM's dtype but keep the adapter's param dtype: they are what
-        # trains around the frozen LLM (float32 master weights under a bfloat16 LLM).
+        # The heads compute in the LLM's dtype but are initialised in the adapter's param dtype: they
+        # are what trains around the frozen LLM (float32 master weights under a bfloat16 LLM).
+        # Converted checkpoints may hold them in the LLM's dtype; both work here.
         dtype, pdtype = to_dtype(cfg.llm.dtype), to_dtype(cfg.adapter.param_dtype)
         d = cfg.llm.hidden_size
         self.llm = Qwen2(cfg.llm)

@@ -196,8 +196,8 @@ class AdapterConfig:
     activation: str = "gelu"  # gelu | relu (single-conv subsampling only)
     norm: str = "layer"  # layer | batch (single-conv subsampling only; others always batch)
     norm_eps: float = 1e-3
-    # The heads below (prompt / task embeddings, state head) keep this adapter's param_dtype (they
-    # train; float32 master weights) and compute in the LLM's dtype.
+    # The heads below (prompt / task embeddings, state head) are initialised in this param_dtype
+    # (they train: float32 master weights) and compute in the LLM's dtype.
     prompt_num: int = 25  # learned prompt embeddings before each question
     num_states: int = 4  # state-head classes (the first 3 are used at inference)
     task_num: int = 20  # stage-2 special-token table
