@@ -97,6 +97,11 @@ def _fbank_chunk(state: FbankStreamState, chunk_bn: jax.Array) -> tuple[FbankStr
     return state, feats[:, CHUNK_OVERLAP:]
 
 
+def _like(value: Any, ref: jax.Array) -> jax.Array:
+    """A host value placed as ``ref`` is (device, commitment): compiled steps are keyed on placement."""
+    return jax.device_put(np.asarray(value, ref.dtype), ref.sharding)
+
+
 @jax.jit
 def _step_keys(key: jax.Array, step: jax.Array) -> jax.Array:
     """(1,) PRNG keys of text step ``step``: draws do not depend on how the dialogue was chunked."""
@@ -440,8 +445,8 @@ class Conversation:
         token = int(np.asarray(token)[0])
         if self._forced is not None and index is not None and index < len(self._forced) and token >= 0:
             token = self._forced[index]  # fed by the next step, whatever was sampled
-            self.session = self.session.replace(last_token=jnp.asarray([token], jnp.int32),
-                                                state=jnp.asarray([int(State.CS)], jnp.int32))
+            sess = self.session
+            self.session = sess.replace(last_token=_like([token], sess.last_token), state=_like([State.CS], sess.state))
         return token, np.asarray(hidden)[0]
 
     def _speak(self, reply: Reply) -> Iterator[np.ndarray]:
@@ -536,8 +541,9 @@ class Conversation:
                     if keep > steps - 1:  # the last kept token was sampled but not fed yet
                         self._speak_step()
                     self.session = S.apply_event(self.session, Event.INTERRUPTED)
-                self.session = self.session.replace(cache=self.session.cache.replace(
-                    lengths=jnp.asarray([answer_start + keep], jnp.int32)))
+                cache = self.session.cache
+                self.session = self.session.replace(cache=cache.replace(lengths=_like([answer_start + keep],
+                                                                                      cache.lengths)))
             elif self.state in (State.SS, State.CS):  # stopped before the first step, or no room left
                 self.session = S.apply_event(self.session, Event.INTERRUPTED)
         finally:
