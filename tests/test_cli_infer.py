@@ -98,6 +98,7 @@ def _sparse_wav(path, seconds, rate=16000):
     ("text", "cannot read audio file"),
     ("3h", r"the input is 10800.0 s long; forced mode holds at most 15\d\.\d s of speech .* use --mode duplex"),
     ("top_p", "invalid sampling settings"),
+    ("speech_tokens", r"invalid engine options \(token counts and top-k must be >= 1\)"),
     ("out_dir", "--output_wav: directory"),
     ("model", "not a directory"),
 ])
@@ -112,9 +113,9 @@ def test_bad_input_is_a_one_line_error(model, tmp_path, capsys, case, match):
         q.write_text("not audio\n" * 100)
     elif case == "3h":
         _sparse_wav(q, 3 * 3600)
-    elif case in ("top_p", "out_dir", "model"):
+    elif case in ("top_p", "speech_tokens", "out_dir", "model"):
         _question(q, 0.5)
-        extra = {"top_p": ["--top_p", "0"], "out_dir": [], "model": []}[case]
+        extra = {"top_p": ["--top_p", "0"], "speech_tokens": ["--max_speech_tokens", "0"]}.get(case, [])
         out = tmp_path / "missing" / "a.wav" if case == "out_dir" else out
         model = tmp_path / "no_model" if case == "model" else model
     code, _, err = _infer(capsys, model, q, out, *extra)

@@ -108,7 +108,10 @@ def test_greedy_turns_are_deterministic_and_the_cache_carries_over(engine):
     assert alone.token_ids != runs[0][3]
 
 
-def test_no_compiles_during_a_20s_question_and_a_10s_answer(engine):
+def test_no_compiles_during_a_20s_question_and_a_10s_answer(bundle):
+    # 400 codec tokens per segment: the decoder cache grows once (384 -> 640 slots) in each.
+    engine = P.Engine(bundle, dataclasses.replace(GREEDY, max_answer_tokens=16, max_speech_tokens=400))
+    assert engine.shapes.full_len > engine.shapes.first_len
     max_len = context_plan(engine, P.DEFAULT_ROLE, 20.0, "forced")
     engine.warm_up(max_len)
     conv = P.Conversation(engine, max_len=max_len)
@@ -117,6 +120,7 @@ def test_no_compiles_during_a_20s_question_and_a_10s_answer(engine):
     reply = conv.respond()
     audio = reply.read()
     assert len(probs) == 125 and len(audio) / 24000 >= 10.0, (len(probs), len(audio) / 24000)
+    assert max(len(s.speech_token_ids) for s in reply.segments) == 400 > engine.shapes.first_len
     assert engine.compiles.count == count, engine.compiles.names_since(count)
     assert conv.listen_seconds / (125 * 0.16) < 1  # listening keeps up with the microphone here
 

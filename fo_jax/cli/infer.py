@@ -57,8 +57,6 @@ def run(args: argparse.Namespace) -> int:
                                 max_segment_tokens=args.max_segment_tokens, max_speech_tokens=args.max_speech_tokens)
     except ValueError as e:
         raise FoJaxError(str(e)) from None
-    if args.decoder_top_k is not None and args.decoder_top_k < 1:
-        raise FoJaxError("--decoder_top_k must be >= 1")
     for flag, path in (("--output_wav", args.output_wav), ("--report", args.report)):
         if path and not Path(path).resolve().parent.is_dir():
             raise FoJaxError(f"{flag}: directory {Path(path).resolve().parent} does not exist")

@@ -107,7 +107,8 @@ class ServerSettings:
     def decoder_sampling(self, top_k: int | None = None) -> TokenSampling:
         """Speech-decoder sampler; ``top_k`` overrides ``decoder_top_k``."""
         try:
-            return TokenSampling(top_k or self.decoder_top_k, self.decoder_penalty_window_size, self.decoder_penalty)
+            return TokenSampling(self.decoder_top_k if top_k is None else top_k, self.decoder_penalty_window_size,
+                                 self.decoder_penalty)
         except ValueError as e:
             raise ConfigError(str(e)) from None
 

@@ -86,8 +86,9 @@ class EngineOptions:
     segmentation: ts.SegmentationPolicy = ts.SERVER_POLICY
 
     def __post_init__(self):
-        if self.max_answer_tokens < 1 or self.max_segment_tokens < 1 or (self.max_speech_tokens or 1) < 1:
-            raise ValueError(f"invalid engine options: {self}")
+        counts = (self.max_answer_tokens, self.max_segment_tokens, self.max_speech_tokens, self.decoder_top_k)
+        if any(n is not None and n < 1 for n in counts):
+            raise ValueError(f"invalid engine options (token counts and top-k must be >= 1): {self}")
 
 
 @jax.jit
@@ -132,8 +133,9 @@ class Engine:
         self.embed_table = np.asarray(self.params["llm"]["embed_tokens"]["embedding"])
         self.vocoder = bundle.server.vocoder(cfg.codec)
         self.decoder_sampling = bundle.server.decoder_sampling(options.decoder_top_k)
+        max_speech = cfg.decoder.max_tokens if options.max_speech_tokens is None else options.max_speech_tokens
         self.shapes = sd.SegmentShapes((options.max_segment_tokens + TEXT_MARGIN) * cfg.decoder.frames_per_vector,
-                                       options.max_speech_tokens or cfg.decoder.max_tokens)
+                                       max_speech)
         v = self.vocoder
         self.windows = tuple(sorted({v.first_chunk_size + v.overlap_size, v.first_chunk_size + 2 * v.overlap_size,
                                      v.chunk_size + v.overlap_size, v.chunk_size + 2 * v.overlap_size}))
@@ -173,26 +175,33 @@ class Engine:
             conv.listen(np.zeros(2 * CHUNK_SAMPLES, np.float32), decide=False)
             for _ in conv.respond(max_tokens=2):
                 pass
-        sess = conv.session  # the session programs whatever the random draws did above
-        sess, _ = S.listen(self.params, sess, jnp.zeros((1, 16, self.cfg.encoder.input_dim)), cfg=self.cfg,
-                           template=conv.template)
+        # Whatever the random draws above did: every session event, both speak programs (the
+        # narrow one runs on a row that does not speak), every decoder bucket, the AR loop.
+        sess = conv.session
         for event in (Event.VAD_START, Event.END_OF_INPUT, Event.INTERRUPTED):
             sess = S.apply_event(sess, event)
         for _ in range(2):
             sess, _, _ = S.speak(self.params, sess, _step_keys(conv._key, np.int32(0)), cfg=self.cfg,
                                  template=conv.template, sampling=self.options.sampling)
-        d, state = self.cfg.decoder, None
+        d = self.cfg.decoder
+
+        def segment(frames: int) -> sd.DecoderState:
+            x = np.zeros((frames, d.hidden_size), np.float32)
+            return sd.start(self.decoder_params, d, x, x, max_tokens=self.shapes.max_tokens,
+                            sampling=self.decoder_sampling, shapes=self.shapes)
+
         for b in self.shapes.buckets:
-            frames = np.zeros((b, d.hidden_size), np.float32)
-            state = sd.start(self.decoder_params, d, frames, frames, max_tokens=self.shapes.max_tokens,
-                             sampling=self.decoder_sampling, shapes=self.shapes)
-        state, _ = sd.decode_step(self.decoder_params, state, cfg=d, sampling=self.decoder_sampling)
-        if self.shapes.full_len > self.shapes.first_len:
+            state = segment(b)
+        for _ in sd.decode_tokens(self.decoder_params, d, state, max_tokens=1, sampling=self.decoder_sampling,
+                                  shapes=self.shapes):
+            pass
+        if self.shapes.full_len > self.shapes.first_len:  # grown as the AR loop does: after a step
+            state, _ = sd.decode_step(self.decoder_params, segment(16), cfg=d, sampling=self.decoder_sampling)
             state = sd.grow(state, max_len=self.shapes.full_len)
-            state, _ = sd.decode_step(self.decoder_params, state, cfg=d, sampling=self.decoder_sampling)
+            jax.block_until_ready(sd.decode_step(self.decoder_params, state, cfg=d, sampling=self.decoder_sampling))
         for w in self.windows:
             self.decode_window(np.zeros(w, np.int32))
-        jax.block_until_ready((sess, state))
+        jax.block_until_ready(sess)
         self.warm_up_compiles[key] = self.compiles.count - before
         return self.warm_up_compiles[key]
 
