@@ -30,6 +30,7 @@ completely handed out (``Reply.spoken_tokens``); the rest is cut from the cache.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import threading
 import time
 from typing import Any, Iterator, Sequence
@@ -193,12 +194,16 @@ class Engine:
         for b in self.shapes.buckets:
             state = segment(b)
         for _ in sd.decode_tokens(self.decoder_params, d, state, max_tokens=1, sampling=self.decoder_sampling,
-                                  shapes=self.shapes):
+                                  shapes=self.shapes):  # the AR loop's host reads
             pass
-        if self.shapes.full_len > self.shapes.first_len:  # grown as the AR loop does: after a step
-            state, _ = sd.decode_step(self.decoder_params, segment(16), cfg=d, sampling=self.decoder_sampling)
-            state = sd.grow(state, max_len=self.shapes.full_len)
-            jax.block_until_ready(sd.decode_step(self.decoder_params, state, cfg=d, sampling=self.decoder_sampling))
+        # A fresh state's step and a stepped state's differ in their inputs' placement: both, at
+        # both cache sizes (grown after a step, as the AR loop grows).
+        step = functools.partial(sd.decode_step, self.decoder_params, cfg=d, sampling=self.decoder_sampling)
+        state, _ = step(segment(16))
+        state, _ = step(state)
+        if self.shapes.full_len > self.shapes.first_len:
+            state, _ = step(sd.grow(state, max_len=self.shapes.full_len))
+        jax.block_until_ready(state)
         for w in self.windows:
             self.decode_window(np.zeros(w, np.int32))
         jax.block_until_ready(sess)
