@@ -51,6 +51,7 @@ from fo_jax.inference.sampling import SamplingConfig  # noqa: E402
 from fo_jax.models import audio_llm, codec, speech_decoder  # noqa: E402
 from fo_jax.models.configs import ModelConfig  # noqa: E402
 from fo_jax.runtime import enable_compilation_cache  # noqa: E402
+from fo_jax.testing.speech import speech_like_noise  # noqa: E402
 from fo_jax.text.tokenizer import qwen2_tokenizer  # noqa: E402
 
 PAPER_MS = {"llm_interrupted_to_first_text_chunk": (478, 468, 750), "first_text_chunk_to_decoder_prefill": (15, 15, 17),
@@ -89,13 +90,6 @@ def random_bundle(cfg: ModelConfig, seed: int = 0) -> Bundle:
     return Bundle(cfg, {"audiollm": audio, "decoder": dec, "codec": cod}, server, None, None, "native")
 
 
-def question(seconds: float, seed: int) -> np.ndarray:
-    """Speech-like noise: 3 Hz amplitude modulation (syllable rate) at 16 kHz."""
-    rng = np.random.default_rng(seed)
-    t = np.arange(int(seconds * 16000)) / 16000
-    return (0.1 * rng.standard_normal(t.size) * (1 + np.sin(2 * np.pi * 3 * t))).astype(np.float32)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--questions", type=int, default=20)
@@ -129,7 +123,7 @@ def main() -> None:
     chunk_ms, first_chunk_ms, rtf, audio_s = [], [], [], []
     for i in range(args.questions):
         conv = Conversation(engine, max_len=args.max_len, seed=i)
-        wave = question(args.seconds, i)
+        wave = speech_like_noise(args.seconds, i)
         for start in range(0, len(wave) - CHUNK_SAMPLES + 1, CHUNK_SAMPLES):
             t = time.perf_counter()
             conv.listen(wave[start:start + CHUNK_SAMPLES], decide=False)

@@ -8,7 +8,6 @@ import jax
 import numpy as np
 import pytest
 
-from fo_jax.audio.fbank import CHUNK_SAMPLES
 from fo_jax.errors import FoJaxError
 from fo_jax.inference import pipeline as P
 from fo_jax.inference import speech_decoder as sd
@@ -18,6 +17,7 @@ from fo_jax.inference.offline import context_plan, infer_file
 from fo_jax.inference.sampling import SamplingConfig
 from fo_jax.inference.text_segmentation import normalize_tts_text
 from fo_jax.inference.vocoder_stream import vocode_reply
+from fo_jax.testing.speech import speech_like_noise
 from tests import bundle_utils as bu
 
 GREEDY = P.EngineOptions(sampling=SamplingConfig(top_k=1), decoder_top_k=1, max_answer_tokens=40,
@@ -39,11 +39,7 @@ def engine(bundle):
     return P.Engine(bundle, GREEDY)
 
 
-def _speech(seconds: float, seed: int) -> np.ndarray:
-    """Noise bursts (not silence, so the encoder sees something) at 16 kHz."""
-    rng = np.random.default_rng(seed)
-    t = np.arange(int(seconds * 16000)) / 16000
-    return (0.1 * rng.standard_normal(t.size) * (1 + np.sin(2 * np.pi * 3 * t))).astype(np.float32)
+_speech = speech_like_noise  # (seconds, seed) -> 16 kHz samples
 
 
 def _turn(conv, seconds=2.0, seed=0, max_tokens=None):
