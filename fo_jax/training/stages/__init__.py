@@ -22,7 +22,11 @@ STAGES = {
 
 
 class Stage(Protocol):
-    """What the trainer needs from a stage."""
+    """What the trainer needs from a stage.
+
+    Optional: ``make_step(optimizer_config) -> fo_jax.training.step.StageStep`` replaces the generic
+    one-optimizer step on ``loss`` (the codec GAN stage: two optimizers, alternating updates).
+    """
 
     trainable: tuple[str, ...]  # path regexes of the params that train; the rest is frozen
 
