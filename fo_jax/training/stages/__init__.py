@@ -18,6 +18,7 @@ from fo_jax.errors import ConfigError
 STAGES = {
     "text_lm": "fo_jax.training.stages.text_lm:build",
     "speech_in_ctc": "fo_jax.training.stages.speech_in_ctc:build",
+    "codec": "fo_jax.training.stages.codec:build",
 }
 
 
