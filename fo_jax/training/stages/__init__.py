@@ -19,6 +19,8 @@ STAGES = {
     "text_lm": "fo_jax.training.stages.text_lm:build",
     "speech_in_ctc": "fo_jax.training.stages.speech_in_ctc:build",
     "codec": "fo_jax.training.stages.codec:build",
+    "speech_decoder": "fo_jax.training.stages.speech_decoder:build",
+    "speech_prefix": "fo_jax.training.stages.speech_decoder:build_prefix",
 }
 
 
