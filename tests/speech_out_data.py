@@ -4,16 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import flax.linen as nn
-import jax
 import numpy as np
 
 from fo_jax.audio.io import write_wav
-from fo_jax.conversion.hf_qwen2 import save_hf_qwen2
 from fo_jax.data.manifest import write_manifest
-from fo_jax.models.configs import LLMConfig
-from fo_jax.models.qwen2 import init_params
-from fo_jax.text.tokenizer import chatml, train_bpe_tokenizer
+from fo_jax.testing.llm import write_random_llm_dir
+from fo_jax.text.tokenizer import chatml
 
 QA = [("What is two plus two?", "Two plus two is four."), ("What colour is the sky?", "The sky is blue."),
       ("Name a fruit.", "An apple is a fruit."), ("How many legs has a cat?", "A cat has four legs.")]
@@ -37,12 +33,7 @@ def write_clips(root: Path, durations: list[float], rate: int = 24000, seed: int
 def write_llm_dir(path: Path, seed: int = 0) -> Path:
     """A random tiny Qwen2 saved the HF way, with a BPE tokenizer trained on the Q&A texts."""
     texts = [chatml([{"role": "user", "content": q}, {"role": "assistant", "content": a}]) for q, a in QA]
-    tokenizer = train_bpe_tokenizer(texts * 4, vocab_size=300)
-    cfg = LLMConfig(vocab_size=320, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
-                    num_kv_heads=2, head_dim=16, max_position_embeddings=512, eos_token_ids=(2,))
-    save_hf_qwen2(path, cfg, nn.unbox(init_params(cfg, jax.random.key(seed))))
-    tokenizer.save_pretrained(path)
-    return path
+    return write_random_llm_dir(path, texts * 4, seed)
 
 
 def write_answers_manifest(path: Path, codes_per_answer: list[int], vocab: int = 1024, seed: int = 0) -> Path:
