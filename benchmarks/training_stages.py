@@ -10,8 +10,8 @@ What it does, in a temporary directory:
 3. ``speech_decoder`` on the speech-out tokens, then ``speech_prefix`` on the answers (decoder from a
    short stage-2 run). The LLM is a random tiny Qwen2 with a BPE tokenizer trained on the texts.
 
-Timing: per stage, two warm-up steps (the first's time, mostly compilation, reported apart), then ``--steps`` steps of the
-loop the trainer runs (next batch from the grain iterator, device put, jitted step,
+Timing: per stage, two warm-up steps (the first's time, mostly compilation, reported apart), then
+``--steps`` steps of the loop the trainer runs (next batch from the grain iterator, device put, jitted step,
 ``block_until_ready`` on the metrics); steps/s = steps / wall time, with process CPU time, the
 machine load (os.getloadavg) and a matmul GFLOP/s probe, as the machine is shared.
 

@@ -41,6 +41,7 @@ def data(tmp_path_factory):
     with open(manifest, "a") as f:  # problems are reported, not trained on
         f.write(json.dumps({"question": "q?", "text": "no tokens."}) + "\n")
         f.write(json.dumps({"question": "q?", "text": "bad.", "codec_tokens": [3, 1024]}) + "\n")
+        f.write(json.dumps({"question": "q?", "text": "long.", "codec_tokens": [5] * 40}) + "\n")
     return {"root": root, "llm": write_llm_dir(root / "llm"), "manifest": manifest}
 
 
@@ -68,9 +69,10 @@ def _adam_paths(opt_state):
 
 def test_stage2_trains_the_decoder_and_leaves_the_llm_table_bitwise(data, stage2):
     initial, out = stage2
-    assert len(out["rejected"]) == 2
+    assert len(out["rejected"]) == 3
     assert "answers.jsonl:5: no codec_tokens" in out["rejected"][0]
     assert "answers.jsonl:6: codec_tokens must be a list of ints in [0, 1024)" in out["rejected"][1]
+    assert out["rejected"][2].endswith("'long.': 40 codec tokens (largest of stage.buckets 32)")
     frozen = flatten(jax.device_get(out["frozen"]))
     assert list(frozen) == ["llm/embed_tokens/embedding"]
     np.testing.assert_array_equal(frozen["llm/embed_tokens/embedding"], load_hf_qwen2(data["llm"])[1]

@@ -72,6 +72,10 @@ class CodecStage:
             raise ConfigError(f"model.codec.segment_size={self.segment} must be a multiple of {hop} samples "
                               f"(one token) and at least n_fft={self.config.n_fft}")
         self.trainable = tuple(s.trainable)
+        unknown = sorted(set(s.get("loss_weights", {})) - set(losses.GENERATOR_WEIGHTS))
+        if unknown:
+            raise ConfigError(f"stage.loss_weights: unknown term(s) {unknown}; "
+                              f"expected {sorted(losses.GENERATOR_WEIGHTS)}")
         self.weights = dict(losses.GENERATOR_WEIGHTS) | dict(s.get("loss_weights", {}))
         self.peak_level = float(s.get("peak_level", 0.95))
         self.init_from = s.get("init_from", "")

@@ -25,7 +25,6 @@ the table its stage-2 run was trained against.
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 
 import flax.linen as nn
 import jax
@@ -101,7 +100,6 @@ class SpeechDecoderStage:
         except ConfigError as e:
             raise ConfigError(f"model.decoder does not fit the LLM: {e}") from None
         self.trainable = tuple(s.trainable)
-        self.stage_cfg = s
         self.max_text = s.max_text_len
         report: list[str] = []
         vocab = self.decoder.codec_vocab_size
@@ -109,14 +107,14 @@ class SpeechDecoderStage:
                                      validate=lambda r, base: codec_tokens_problem(r, vocab),
                                      policy=s.get("manifest_policy", "skip"), report=report)
         self.examples = [self.encode(r) for r in self.records]
-        boundaries = tuple(s.buckets)
-        lengths = [len(ex["codes"]) if self.fits(ex) else -1 for ex in self.examples]
+        self.max_codes = s.buckets[-1]
+        problems = [self.length_problem(ex) for ex in self.examples]
+        lengths = [-1 if p else len(ex["codes"]) for ex, p in zip(self.examples, problems)]
         self.batch_size = s.batch_size
-        self.batches, dropped = plan_batches(lengths, boundaries, self.batch_size // jax.process_count(),
-                                             cfg.get("seed", 0))
-        self.rejected = report + [f"{s.manifest}: {self.records[i].get('audio', self.records[i]['text'])!s}: "
-                                  f"longer than the largest bucket ({boundaries[-1]} codec tokens) or a text limit"
-                                  for i in dropped]
+        self.batches, _ = plan_batches(lengths, tuple(s.buckets), self.batch_size // jax.process_count(),
+                                       cfg.get("seed", 0))
+        self.rejected = report + [f"{s.manifest}: {r.get('audio') or r['text']!r}: {p}"
+                                  for r, p in zip(self.records, problems) if p]
         if not self.batches:
             raise ConfigError(f"{s.manifest}: too few usable records for one batch of {self.batch_size}")
 
@@ -129,8 +127,13 @@ class SpeechDecoderStage:
         """Token ids of the normalised text (pre-network input) and the codec tokens."""
         return {"text": self._ids(normalize_tts_text(record["text"])), "codes": record[TOKENS_FIELD]}
 
-    def fits(self, example: dict) -> bool:
-        return 0 < len(example["text"]) <= self.max_text
+    def length_problem(self, example: dict) -> str | None:
+        """Why an example does not fit the configured shapes, or None."""
+        if not 0 < len(example["text"]) <= self.max_text:
+            return f"{len(example['text'])} text tokens (stage.max_text_len {self.max_text})"
+        if len(example["codes"]) > self.max_codes:
+            return f"{len(example['codes'])} codec tokens (largest of stage.buckets {self.max_codes})"
+        return None
 
     def make_batch(self, bucket: int, indices: list[int], rng: np.random.Generator) -> dict[str, np.ndarray]:
         """{'text': (B, max_text_len), 'text_lens', 'codes': (B, bucket), 'code_lens'} (+ stage-3 fields)."""
@@ -154,8 +157,8 @@ class SpeechDecoderStage:
 
     def _load_llm(self, rng: jax.Array) -> dict:
         if self.llm_path:
-            _, table = load_hf_embedding(self.llm_path, dtype=self.llm.param_dtype)
-            return {"embed_tokens": {"embedding": jnp.asarray(table)}}
+            # Host arrays: the trainer places them on the mesh by their logical axes.
+            return {"embed_tokens": {"embedding": load_hf_embedding(self.llm_path, dtype=self.llm.param_dtype)[1]}}
         return {"embed_tokens": _random_llm(self.llm, rng)["embed_tokens"]}
 
     def load_params(self, rng: jax.Array) -> dict:
@@ -193,6 +196,7 @@ class SpeechPrefixStage(SpeechDecoderStage):
         s = cfg.stage
         if not s.get("decoder_from"):
             raise ConfigError("stage.decoder_from is required (the work directory of a speech_decoder run)")
+        self.decoder_from = str(s.decoder_from)
         self.max_dialogue, self.max_answer = s.max_dialogue_len, s.max_answer_len
         self.system = s.get("system_prompt") or DEFAULT_SYSTEM
         super().__init__(cfg)
@@ -203,9 +207,13 @@ class SpeechPrefixStage(SpeechDecoderStage):
         return super().encode(record) | {"prompt": self._ids(chatml(messages, add_generation_prompt=True)),
                                          "answer": self._ids(record["text"])}
 
-    def fits(self, example: dict) -> bool:
-        return (super().fits(example) and 0 < len(example["answer"]) <= self.max_answer
-                and len(example["prompt"]) + len(example["answer"]) <= self.max_dialogue)
+    def length_problem(self, example):
+        if not 0 < len(example["answer"]) <= self.max_answer:
+            return f"{len(example['answer'])} answer tokens (stage.max_answer_len {self.max_answer})"
+        if len(example["prompt"]) + len(example["answer"]) > self.max_dialogue:
+            return (f"{len(example['prompt']) + len(example['answer'])} dialogue tokens "
+                    f"(stage.max_dialogue_len {self.max_dialogue})")
+        return super().length_problem(example)
 
     def make_batch(self, bucket, indices, rng):
         """Adds 'dialogue' (B, max_dialogue_len), 'dialogue_lens', 'answer_start', 'answer_lens'."""
@@ -222,20 +230,19 @@ class SpeechPrefixStage(SpeechDecoderStage):
 
     def _load_llm(self, rng):
         if self.llm_path:
-            return jax.tree.map(jnp.asarray, load_hf_qwen2(self.llm_path, dtype=self.llm.dtype,
-                                                           param_dtype=self.llm.param_dtype)[1])
+            return load_hf_qwen2(self.llm_path, dtype=self.llm.dtype, param_dtype=self.llm.param_dtype)[1]
         return _random_llm(self.llm, rng)
 
     def load_params(self, rng):
         params = super().load_params(rng)  # a random prefix stack; the rest is replaced below
-        source = str(self.stage_cfg.decoder_from)
+        source = self.decoder_from
         trained, meta = load_trained(source)
         if meta.get("config", {}).get("stage", {}).get("name") != "speech_decoder" or "decoder" not in trained:
             raise FoJaxError(f"{source}: not a speech_decoder run (or its decoder did not train)")
         flat = flatten(params["decoder"])
         shared = {k: v for k, v in flat.items() if not k.startswith("layers_prefix_")}
         check_like(trained["decoder"], unflatten(shared), f"{source} (vs model.decoder)")
-        params["decoder"] = unflatten(flat | flatten(jax.tree.map(jnp.asarray, trained["decoder"])))
+        params["decoder"] = unflatten(flat | flatten(trained["decoder"]))
         # Stage 2's frozen tree was the embedding table: it must be this LLM's.
         if fingerprint({"llm": {"embed_tokens": params["llm"]["embed_tokens"]}}) != meta["frozen_fingerprint"]:
             raise FoJaxError(f"{source}: that decoder was trained against another LLM embedding table "
