@@ -31,7 +31,7 @@ from fo_jax.training.checkpoint import TrainCheckpointer
 from fo_jax.training.freeze import fingerprint, split_trainable
 from fo_jax.training.optim import OptimizerConfig, make_optimizer
 from fo_jax.training.stages import build_stage
-from fo_jax.training.step import make_train_step
+from fo_jax.training.step import StageStep, make_train_step
 
 
 class _Preemption:
@@ -55,10 +55,18 @@ def _on_mesh(sharding_tree: Any, mesh) -> Any:
     return jax.tree.map(lambda sh: sh if isinstance(sh, NamedSharding) else replicated, sharding_tree)
 
 
-def _init_optimizer(optimizer, trainable, mesh):
-    compiled = jax.jit(optimizer.init).lower(trainable).compile()
+def _init_optimizer(init, trainable, mesh):
+    compiled = jax.jit(init).lower(trainable).compile()
     shardings = _on_mesh(compiled.output_shardings, mesh)
-    return jax.jit(optimizer.init, out_shardings=shardings), shardings
+    return jax.jit(init, out_shardings=shardings), shardings
+
+
+def stage_step(stage: Any, optimizer_cfg: OptimizerConfig) -> StageStep:
+    """The stage's own ``make_step`` if it has one, else the generic step on ``stage.loss``."""
+    if hasattr(stage, "make_step"):
+        return stage.make_step(optimizer_cfg)
+    optimizer = make_optimizer(optimizer_cfg)
+    return StageStep(optimizer.init, make_train_step(stage.loss, optimizer))
 
 
 def _setup(cfg: ml_collections.ConfigDict):
@@ -67,9 +75,8 @@ def _setup(cfg: ml_collections.ConfigDict):
     stage = build_stage(cfg)
     rng = jax.random.key(cfg.get("seed", 0))
     shardings = sharding.param_shardings(jax.eval_shape(stage.init_boxed, rng), mesh)
-    optimizer = make_optimizer(OptimizerConfig.from_dict(cfg.optimizer.to_dict()))
-    step_fn = make_train_step(stage.loss, optimizer)
-    return mesh, stage, rng, shardings, optimizer, step_fn
+    update = stage_step(stage, OptimizerConfig.from_dict(cfg.optimizer.to_dict()))
+    return mesh, stage, rng, shardings, update.init, update.step
 
 
 def train(cfg: ml_collections.ConfigDict, workdir: str, max_steps: int | None = None,
@@ -77,11 +84,11 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, max_steps: int | None = 
     """Trains ``cfg.stage.steps`` steps in total (or stops after ``max_steps`` more). Returns a summary."""
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    mesh, stage, rng, shardings, optimizer, step_fn = _setup(cfg)
+    mesh, stage, rng, shardings, opt_init, step_fn = _setup(cfg)
     params = jax.device_put(stage.load_params(rng), shardings)
     trainable, frozen = split_trainable(params, stage.trainable)
     frozen_print = fingerprint(frozen)
-    opt_state = _init_optimizer(optimizer, trainable, mesh)[0](trainable)
+    opt_state = _init_optimizer(opt_init, trainable, mesh)[0](trainable)
     data = stage.dataset(cfg.get("seed", 0))
     iterator = iter(data)
     checkpointer = TrainCheckpointer(workdir, save_every=cfg.stage.get("save_every", 1000),
@@ -129,7 +136,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, max_steps: int | None = 
         checkpointer.close()
         preemption.restore()
     return {"step": step, "preempted": preemption.requested, "metrics": last,
-            "frozen_fingerprint": frozen_print, "trainable": trainable, "frozen": frozen,
+            "frozen_fingerprint": frozen_print, "trainable": trainable, "frozen": frozen, "opt_state": opt_state,
             "rejected": getattr(stage, "rejected", [])}
 
 
@@ -139,14 +146,14 @@ def compile_only(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
     Returns per-device bytes: params (trainable + frozen), optimizer state, batch, and XLA's
     temporary memory, from the compiled executable's memory analysis.
     """
-    mesh, stage, rng, shardings, optimizer, step_fn = _setup(cfg)
+    mesh, stage, rng, shardings, opt_init, step_fn = _setup(cfg)
     abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                             jax.eval_shape(lambda r: nn.unbox(stage.init_boxed(r)), rng),
                             shardings)
     trainable, frozen = split_trainable(abstract, stage.trainable)
     opt_state = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                             jax.eval_shape(optimizer.init, trainable),
-                             _init_optimizer(optimizer, trainable, mesh)[1])
+                             jax.eval_shape(opt_init, trainable),
+                             _init_optimizer(opt_init, trainable, mesh)[1])
     example = next(iter(stage.dataset(0)))
     batch = {k: jax.ShapeDtypeStruct((v.shape[0] * jax.process_count(),) + v.shape[1:], v.dtype,
                                      sharding=NamedSharding(mesh, distributed.batch_spec(v.ndim)))

@@ -18,11 +18,18 @@ from fo_jax.errors import ConfigError
 STAGES = {
     "text_lm": "fo_jax.training.stages.text_lm:build",
     "speech_in_ctc": "fo_jax.training.stages.speech_in_ctc:build",
+    "codec": "fo_jax.training.stages.codec:build",
+    "speech_decoder": "fo_jax.training.stages.speech_decoder:build",
+    "speech_prefix": "fo_jax.training.stages.speech_decoder:build_prefix",
 }
 
 
 class Stage(Protocol):
-    """What the trainer needs from a stage."""
+    """What the trainer needs from a stage.
+
+    Optional: ``make_step(optimizer_config) -> fo_jax.training.step.StageStep`` replaces the generic
+    one-optimizer step on ``loss`` (the codec GAN stage: two optimizers, alternating updates).
+    """
 
     trainable: tuple[str, ...]  # path regexes of the params that train; the rest is frozen
 
