@@ -274,3 +274,24 @@ def test_cache_grows_when_full_without_changing_tokens(monkeypatch):
     assert state.cache.max_len == 128 and int(state.cache.lengths[0]) == 14 + 1 + 10
     grown = first(220, inf.generate(params, TINY, text, hidden, max_tokens=MAX_TOKENS + 100, sampling=GREEDY))
     assert len(steady) == 220 and grown == steady
+
+
+def test_segment_shapes_give_the_same_tokens_with_a_bounded_set_of_programs():
+    params = with_end_bias(random_params(seed=18), TINY, -1e4)
+    shapes = inf.SegmentShapes(max_frames=30, max_tokens=300)
+    assert shapes.buckets == (16, 32) and shapes.bucket(17) == 32 and shapes.bucket(500) == 32
+    assert shapes.first_len == 256 and shapes.full_len == 384  # 2 * 32 + 1 + 128 / + 300, rounded up
+    for n_text, n_hidden in ((3, 4), (9, 14)):  # 16- and 32-frame buckets
+        text, hidden = segment(19 + n_text, n_text, n_hidden)
+        ref = first(250, inf.generate(params, TINY, text, hidden, max_tokens=250, sampling=GREEDY))
+        got = first(250, inf.generate(params, TINY, text, hidden, max_tokens=250, sampling=GREEDY, shapes=shapes))
+        assert got == ref and len(got) == 250  # (9, 14): 47 slots + 250 tokens: grew to full_len
+    sizes = inf.write_prefix._cache_size(), inf.write_context._cache_size(), inf.decode_step._cache_size()
+    for n_text, n_hidden in ((2, 2), (12, 7), (15, 16), (5, 11)):  # other lengths, same buckets
+        text, hidden = segment(n_text, n_text, n_hidden)
+        first(250, inf.generate(params, TINY, text, hidden, max_tokens=250, sampling=GREEDY, shapes=shapes))
+    assert (inf.write_prefix._cache_size(), inf.write_context._cache_size(), inf.decode_step._cache_size()) == sizes
+    # Frames past the top bucket are cut: 40 vectors = 80 frames -> 32.
+    text, hidden = segment(3, 40, 40)
+    state = inf.start(params, TINY, text, hidden, max_tokens=10, sampling=GREEDY, shapes=shapes)
+    assert int(state.cache.lengths[0]) == 32 + 1 + 32

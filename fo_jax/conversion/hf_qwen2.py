@@ -116,6 +116,28 @@ def load_hf_config(path: str | os.PathLike, **overrides: Any) -> LLMConfig:
         raise LoadError(f"{file}: {e}") from None
 
 
+def _load_config(path: str | os.PathLike, dtype: str | None, param_dtype: str | None) -> LLMConfig:
+    overrides = {"param_dtype": param_dtype or dtype or "float32"}
+    if dtype:
+        overrides["dtype"] = dtype
+    return load_hf_config(path, **overrides)
+
+
+def load_hf_embedding(path: str | os.PathLike, *, dtype: str | None = None) -> tuple[LLMConfig, np.ndarray]:
+    """(config, (vocab, hidden) input-embedding table) of a HF Qwen2 directory, reading only that
+    tensor (speech-out stage 2 needs the frozen table, not the 7B model). Dtypes as ``load_hf_qwen2``."""
+    cfg = _load_config(path, dtype, None)
+    name, _, (to_ours, _) = _TOP_TABLE[0]  # the embedding table
+    tensors = read_checkpoint_dir(path)
+    if name not in tensors:
+        raise LoadError(f"{Path(path)}: missing tensor {name!r}")
+    array, file = tensors[name]
+    if tuple(array.shape) != expected_shapes(cfg)[name]:
+        raise LoadError(f"{file}: tensor {name!r} has shape {tuple(array.shape)}, "
+                        f"config.json implies {expected_shapes(cfg)[name]}")
+    return cfg, np.asarray(to_ours(array, cfg)).astype(np.dtype(to_dtype(cfg.param_dtype)))
+
+
 def load_hf_qwen2(path: str | os.PathLike, *, dtype: str | None = None,
                   param_dtype: str | None = None) -> tuple[LLMConfig, dict]:
     """Loads a HF Qwen2 directory (single or sharded safetensors) into (config, numpy param tree).
@@ -127,11 +149,7 @@ def load_hf_qwen2(path: str | os.PathLike, *, dtype: str | None = None,
     Raises:
       LoadError: one line naming the file and the key (missing, unexpected, wrong shape).
     """
-    overrides = {}
-    if dtype:
-        overrides["dtype"] = dtype
-    overrides["param_dtype"] = param_dtype or dtype or "float32"
-    cfg = load_hf_config(path, **overrides)
+    cfg = _load_config(path, dtype, param_dtype)
     tensors = read_checkpoint_dir(path)
     expected = expected_shapes(cfg)
     if cfg.tie_word_embeddings:

@@ -10,6 +10,10 @@ compiles once per (batch, cache length).
 Every AR step attends over the whole fixed-size cache, so the cache starts with room for
 ``FIRST_TOKENS`` tokens and ``generate`` grows it by ``CACHE_BUCKET`` slots when full, instead of
 allocating the release's 1000-token budget up front (most segments need a few hundred tokens).
+
+Streaming (``fo_jax.inference.pipeline``) passes ``SegmentShapes`` instead: a small, fixed set of
+programs (power-of-two frame buckets, two cache sizes) that a warm-up compiles once, so no segment
+ever compiles a new program.
 """
 
 from __future__ import annotations
@@ -42,6 +46,49 @@ def frame_bucket(n: int) -> int:
     while size < n:
         size = size * 3 // 2 if size & (size - 1) == 0 else size * 4 // 3
     return size
+
+
+@dataclasses.dataclass(frozen=True)
+class SegmentShapes:
+    """A bounded set of shapes for segments of at most ``max_frames`` text / prefix frames.
+
+    Text and prefix frames are padded to powers of two from 16 up to ``top`` (``max_frames``
+    rounded up; longer inputs are cut there). Every segment prefills into a ``first_len``-slot
+    cache with room for ``FIRST_TOKENS`` AR tokens after the largest buckets, and grows once to
+    ``full_len`` (room for ``max_tokens``) when it needs more. Programs: one ``write_prefix`` and
+    one ``write_context`` per bucket, ``decode_step`` at both cache sizes, one ``grow``.
+    """
+
+    max_frames: int
+    max_tokens: int
+
+    def __post_init__(self):
+        if self.max_frames < 1 or self.max_tokens < 1:
+            raise ValueError(f"invalid segment shapes: {self}")
+
+    @property
+    def top(self) -> int:
+        return max(16, 1 << (self.max_frames - 1).bit_length())
+
+    @property
+    def buckets(self) -> tuple[int, ...]:
+        sizes, n = [], 16
+        while n <= self.top:
+            sizes.append(n)
+            n *= 2
+        return tuple(sizes)
+
+    def bucket(self, n: int) -> int:
+        """The smallest bucket >= n (``top`` for larger n, which is then cut)."""
+        return next((b for b in self.buckets if b >= n), self.top)
+
+    @property
+    def first_len(self) -> int:
+        return round_up(2 * self.top + 1 + min(self.max_tokens, FIRST_TOKENS), CACHE_BUCKET)
+
+    @property
+    def full_len(self) -> int:
+        return max(self.first_len, round_up(2 * self.top + 1 + self.max_tokens, CACHE_BUCKET))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -214,7 +261,8 @@ def _frames(x: np.ndarray, cfg: SpeechDecoderConfig, name: str) -> np.ndarray:
 
 def start(params: dict, cfg: SpeechDecoderConfig, text_embeds: np.ndarray,
           hidden_states: np.ndarray | None = None, *, max_tokens: int | None = None,
-          sampling: TokenSampling | None = None, seed: int = 0) -> DecoderState:
+          sampling: TokenSampling | None = None, seed: int = 0,
+          shapes: SegmentShapes | None = None) -> DecoderState:
     """Prefills one segment (batch 1) into a bucketed cache; the first ``decode_step`` feeds sequence-start.
 
     Args:
@@ -223,6 +271,8 @@ def start(params: dict, cfg: SpeechDecoderConfig, text_embeds: np.ndarray,
       hidden_states: (T_hid, llm_hidden_size) LLM final hidden states (or frames), or None.
       max_tokens: AR tokens the cache gets room for, at most ``FIRST_TOKENS`` (default
         ``cfg.max_tokens``); ``grow`` adds room.
+      shapes: fixed buckets and cache size (frames past ``shapes.top`` are cut); None: the
+        1.5x frame buckets and a cache sized to the segment.
     """
     sampling = sampling or TokenSampling.from_config(cfg)
     max_tokens = cfg.max_tokens if max_tokens is None else max_tokens
@@ -231,15 +281,19 @@ def start(params: dict, cfg: SpeechDecoderConfig, text_embeds: np.ndarray,
         raise ValueError("text_embeds: the segment has no tokens")
     prefix = (np.zeros((0, cfg.hidden_size), text.dtype) if hidden_states is None or not cfg.use_prefix
               else _frames(hidden_states, cfg, "hidden_states"))
+    if shapes is not None:
+        text, prefix = text[:shapes.top], prefix[:shapes.top]
     n, p = len(text), len(prefix)
-    nb, pb = frame_bucket(n), frame_bucket(p)
+    bucket = frame_bucket if shapes is None else shapes.bucket
+    nb, pb = bucket(n), bucket(p)
     text_pad = np.zeros((1, nb, cfg.hidden_size), np.float32)
     text_pad[0, :n] = text
     prefix_pad = np.zeros((1, pb, cfg.hidden_size), np.float32)
     prefix_pad[0, :p] = prefix
     dtype = to_dtype(cfg.dtype)
     prefix_lens = jnp.array([p], jnp.int32)
-    max_len = round_up(pb + 1 + nb + min(max_tokens, FIRST_TOKENS), CACHE_BUCKET)
+    max_len = (round_up(pb + 1 + nb + min(max_tokens, FIRST_TOKENS), CACHE_BUCKET) if shapes is None
+               else shapes.first_len)
     cache = prefill(params, jnp.asarray(text_pad, dtype), jnp.array([n], jnp.int32),
                     jnp.asarray(prefix_pad, dtype), prefix_lens, cfg=cfg, max_len=max_len)
     window = np.full((1, max(sampling.penalty_window, 1)), -1, np.int32)
@@ -248,9 +302,31 @@ def start(params: dict, cfg: SpeechDecoderConfig, text_embeds: np.ndarray,
                         jnp.array(1, jnp.int32), jnp.zeros((1,), bool), jax.random.key(seed))
 
 
+def decode_tokens(params: dict, cfg: SpeechDecoderConfig, state: DecoderState, *, max_tokens: int,
+                  sampling: TokenSampling, shapes: SegmentShapes | None = None) -> Iterator[int]:
+    """Yields the codec tokens of a started segment until the end token (not yielded) or ``max_tokens``.
+
+    The cache grows when full: by ``CACHE_BUCKET`` slots, or once to ``shapes.full_len``.
+    """
+    filled = int(state.cache.lengths[0])
+    for _ in range(max_tokens):
+        if filled == state.cache.max_len:  # this step writes slot ``filled``
+            size = filled + CACHE_BUCKET if shapes is None else shapes.full_len
+            if size <= filled:
+                return  # the fixed-shape cache is full: the segment ends here
+            state = grow(state, max_len=size)
+        state, token = decode_step(params, state, cfg=cfg, sampling=sampling)
+        filled += 1
+        token = int(token[0])
+        if token == cfg.end_id:
+            return
+        yield token
+
+
 def generate(params: dict, cfg: SpeechDecoderConfig, text_embeds: np.ndarray,
              hidden_states: np.ndarray | None = None, *, max_tokens: int | None = None,
-             sampling: TokenSampling | None = None, seed: int = 0) -> Iterator[int]:
+             sampling: TokenSampling | None = None, seed: int = 0,
+             shapes: SegmentShapes | None = None) -> Iterator[int]:
     """Yields codec tokens of one segment until the end token (not yielded) or ``max_tokens``.
 
     Inputs as for ``start``. Greedy with ``TokenSampling(top_k=1)``.
@@ -258,14 +334,5 @@ def generate(params: dict, cfg: SpeechDecoderConfig, text_embeds: np.ndarray,
     sampling = sampling or TokenSampling.from_config(cfg)
     max_tokens = cfg.max_tokens if max_tokens is None else max_tokens
     state = start(params, cfg, text_embeds, hidden_states, max_tokens=max_tokens, sampling=sampling,
-                  seed=seed)
-    filled = int(state.cache.lengths[0])
-    for _ in range(max_tokens):
-        if filled == state.cache.max_len:  # this step writes slot ``filled``
-            state = grow(state, max_len=filled + CACHE_BUCKET)
-        state, token = decode_step(params, state, cfg=cfg, sampling=sampling)
-        filled += 1
-        token = int(token[0])
-        if token == cfg.end_id:
-            return
-        yield token
+                  seed=seed, shapes=shapes)
+    yield from decode_tokens(params, cfg, state, max_tokens=max_tokens, sampling=sampling, shapes=shapes)

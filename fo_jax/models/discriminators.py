@@ -6,6 +6,8 @@ Layout is NWC like ``fo_jax.models.codec``. The period discriminator's Conv2d wi
 is a 1-D conv over each of the ``period`` columns, so we fold the columns into the batch:
 (B, S) -> (B * period, S / period, 1); its logits are flattened in torch's (time, period) order.
 Param names mirror the official modules (``discriminators_0/convs_3``, ``conv_post``).
+``width_divisor`` > 1 divides every hidden width (not the 1-channel input/output) for small test and
+toy models; 1 is the released HiFi-GAN size.
 """
 
 from __future__ import annotations
@@ -17,6 +19,14 @@ import jax.numpy as jnp
 from fo_jax.models.codec import TORCH_DEFAULT_INIT, Conv1d, replicated, get_padding, leaky_relu
 
 PERIODS = (2, 3, 5, 7, 11)
+P_WIDTHS = (32, 128, 512, 1024, 1024)
+# (channels, kernel, stride, groups, padding) of the scale discriminator's layers
+S_LAYERS = ((128, 15, 1, 1, 7), (128, 41, 2, 4, 20), (256, 41, 2, 16, 20), (512, 41, 4, 16, 20),
+            (1024, 41, 4, 16, 20), (1024, 41, 1, 16, 20), (1024, 5, 1, 1, 2), (1, 3, 1, 1, 1))
+
+
+def _width(channels: int, divisor: int) -> int:
+    return channels if channels == 1 else max(channels // divisor, 1)
 
 
 def _l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
@@ -63,6 +73,7 @@ class DiscriminatorP(nn.Module):
     period: int
     kernel_size: int = 5
     stride: int = 3
+    width_divisor: int = 1
 
     @nn.compact
     def __call__(self, wav_bs: jax.Array, train: bool = False) -> tuple[jax.Array, list[jax.Array]]:
@@ -73,8 +84,9 @@ class DiscriminatorP(nn.Module):
         x = wav_bs.reshape(b, -1, p).transpose(0, 2, 1).reshape(b * p, -1, 1)
         fmap = []
         k, pad = self.kernel_size, get_padding(5, 1)
-        for i, (ch, stride) in enumerate(((32, self.stride), (128, self.stride), (512, self.stride),
-                                          (1024, self.stride), (1024, 1))):
+        strides = (self.stride,) * (len(P_WIDTHS) - 1) + (1,)
+        for i, (ch, stride) in enumerate(zip(P_WIDTHS, strides)):
+            ch = _width(ch, self.width_divisor)
             x = leaky_relu(Conv1d(ch, k, stride, padding=pad, kernel_init=TORCH_DEFAULT_INIT, name=f"convs_{i}")(x))
             fmap.append(x.reshape(b, p, *x.shape[1:]))
         x = Conv1d(1, 3, 1, padding=1, kernel_init=TORCH_DEFAULT_INIT, name="conv_post")(x)
@@ -87,19 +99,20 @@ class DiscriminatorS(nn.Module):
     """Scale discriminator: (B, S) -> logits (B, N), 8 feature maps (B, T_i, C_i)."""
 
     use_spectral_norm: bool = False
+    width_divisor: int = 1
 
     @nn.compact
     def __call__(self, wav_bs: jax.Array, train: bool = False) -> tuple[jax.Array, list[jax.Array]]:
-        layers = ((128, 15, 1, 1, 7), (128, 41, 2, 4, 20), (256, 41, 2, 16, 20), (512, 41, 4, 16, 20),
-                  (1024, 41, 4, 16, 20), (1024, 41, 1, 16, 20), (1024, 5, 1, 1, 2), (1, 3, 1, 1, 1))
         x, fmap = wav_bs[..., None], []
-        for i, (ch, k, stride, groups, pad) in enumerate(layers):
-            name = "conv_post" if i == len(layers) - 1 else f"convs_{i}"
+        for i, (ch, k, stride, groups, pad) in enumerate(S_LAYERS):
+            ch = _width(ch, self.width_divisor)
+            groups = min(groups, x.shape[-1], ch)  # narrow layers: fewer groups, so each has a channel
+            name = "conv_post" if i == len(S_LAYERS) - 1 else f"convs_{i}"
             if self.use_spectral_norm:
                 x = SpectralConv1d(ch, k, stride, pad, groups, name=name)(x, train)
             else:
                 x = Conv1d(ch, k, stride, padding=pad, groups=groups, kernel_init=TORCH_DEFAULT_INIT, name=name)(x)
-            if i < len(layers) - 1:
+            if i < len(S_LAYERS) - 1:
                 x = leaky_relu(x)
             fmap.append(x)
         return x.reshape(x.shape[0], -1), fmap
@@ -115,15 +128,19 @@ class MultiPeriodDiscriminator(nn.Module):
     """(B, S) -> ([logits per period], [feature maps per period])."""
 
     periods: tuple[int, ...] = PERIODS
+    width_divisor: int = 1
 
     @nn.compact
     def __call__(self, wav_bs: jax.Array, train: bool = False) -> tuple[list[jax.Array], list[list[jax.Array]]]:
-        outs = [DiscriminatorP(p, name=f"discriminators_{i}")(wav_bs, train) for i, p in enumerate(self.periods)]
+        outs = [DiscriminatorP(p, width_divisor=self.width_divisor, name=f"discriminators_{i}")(wav_bs, train)
+                for i, p in enumerate(self.periods)]
         return [o[0] for o in outs], [o[1] for o in outs]
 
 
 class MultiScaleDiscriminator(nn.Module):
     """(B, S) -> ([logits per scale], [feature maps per scale]); scales S, S/2, S/4 (the first spectral-normed)."""
+
+    width_divisor: int = 1
 
     @nn.compact
     def __call__(self, wav_bs: jax.Array, train: bool = False) -> tuple[list[jax.Array], list[list[jax.Array]]]:
@@ -131,7 +148,8 @@ class MultiScaleDiscriminator(nn.Module):
         for i in range(3):
             if i:
                 wav_bs = avg_pool_4_2(wav_bs)
-            out = DiscriminatorS(use_spectral_norm=(i == 0), name=f"discriminators_{i}")(wav_bs, train)
+            out = DiscriminatorS(use_spectral_norm=(i == 0), width_divisor=self.width_divisor,
+                                 name=f"discriminators_{i}")(wav_bs, train)
             logits.append(out[0])
             fmaps.append(out[1])
         return logits, fmaps

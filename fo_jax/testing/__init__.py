@@ -1,1 +1,1 @@
-"""Helpers for tests and toy experiments (offline speech synthesis); not used by the library itself."""
+"""Helpers for tests, benchmarks and toy experiments (offline speech synthesis, random tiny LLMs); not used by the library itself."""

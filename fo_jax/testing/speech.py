@@ -125,3 +125,10 @@ def synthesize(text: str, engine: str = "piper", sample_rate: int = 16000, **kwa
         raise ValueError(f"unknown TTS engine {engine!r}; expected one of {sorted(engines)}")
     pcm, rate = engines[engine](text, **kwargs)
     return resample(pcm.astype(np.float32) / 32768.0, rate, sample_rate)
+
+
+def speech_like_noise(seconds: float, seed: int = 0, sample_rate: int = 16000) -> np.ndarray:
+    """(N,) float32 noise with a 3 Hz (syllable-rate) envelope: input for random-weight models."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * sample_rate)) / sample_rate
+    return (0.1 * rng.standard_normal(t.size) * (1 + np.sin(2 * np.pi * 3 * t))).astype(np.float32)

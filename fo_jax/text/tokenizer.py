@@ -78,11 +78,13 @@ def qwen2_tokenizer():
     return tok
 
 
-def train_bpe_tokenizer(texts: Sequence[str], vocab_size: int = 384):
+def train_bpe_tokenizer(texts: Sequence[str], vocab_size: int = 384, all_bytes: bool = True):
     """A small byte-level BPE tokenizer trained on ``texts`` (toy worlds, smoke runs).
 
     Specials take ids 0..2 (``<|endoftext|>``, ``<|im_start|>``, ``<|im_end|>``) and the ChatML
-    template is attached, so it plugs in wherever the Qwen2 tokenizer does.
+    template is attached, so it plugs in wherever the Qwen2 tokenizer does. ``all_bytes=False``
+    keeps only the bytes seen in ``texts`` (ASCII texts: every token decodes to whole characters,
+    so random token sequences decode to readable text).
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -92,7 +94,7 @@ def train_bpe_tokenizer(texts: Sequence[str], vocab_size: int = 384):
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet() if all_bytes else [])
     bpe.train_from_iterator(texts, trainer)
     tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token=IM_END, pad_token=END_OF_TEXT,
                                   chat_template=CHAT_TEMPLATE)

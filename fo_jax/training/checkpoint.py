@@ -18,6 +18,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from fo_jax.errors import LoadError
+from fo_jax.training.freeze import flatten
 
 
 class TrainCheckpointer:
@@ -93,3 +94,17 @@ def load_trained(workdir: str | os.PathLike, step: int | None = None) -> tuple[d
     finally:
         manager.close()
     return jax.tree.map(np.asarray, dict(out.trainable)), dict(out.meta) | {"step": int(step)}
+
+
+def check_like(tree: dict, like: dict, source: str) -> None:
+    """Raises LoadError (one line naming ``source`` and the first offending path) unless ``tree``
+    has exactly the paths and shapes of ``like`` (arrays or ShapeDtypeStructs)."""
+    got, want = flatten(tree), flatten(like)
+    for path in sorted(set(got) | set(want)):
+        if path not in got:
+            raise LoadError(f"{source}: missing param {path!r}")
+        if path not in want:
+            raise LoadError(f"{source}: unexpected param {path!r}")
+        if tuple(np.shape(got[path])) != tuple(want[path].shape):
+            raise LoadError(f"{source}: param {path!r} has shape {tuple(np.shape(got[path]))}, "
+                            f"this config expects {tuple(want[path].shape)}")

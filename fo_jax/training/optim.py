@@ -19,7 +19,9 @@ class OptimizerConfig:
 
     schedule: 'warmuplr' (ESPnet/WeNet inverse-sqrt after linear warm-up, peak ``lr`` at
     ``warmup_steps``), 'cosine' (linear warm-up, cosine decay to ``end_lr_ratio * lr`` at
-    ``total_steps``) or 'constant' (linear warm-up, then flat).
+    ``total_steps``), 'constant' (linear warm-up, then flat) or 'exponential' (HiFi-GAN's per-epoch
+    ExponentialLR: ``lr * decay_rate ** (step // decay_steps)``, no warm-up).
+    ``clip_norm`` <= 0 disables gradient clipping (HiFi-GAN does not clip).
     """
 
     lr: float = 6e-4
@@ -32,6 +34,8 @@ class OptimizerConfig:
     eps: float = 1e-6
     weight_decay: float = 0.01
     clip_norm: float = 5.0
+    decay_rate: float = 1.0  # 'exponential' only
+    decay_steps: int = 1000  # 'exponential' only: steps per decay (one epoch)
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> "OptimizerConfig":
@@ -51,11 +55,16 @@ def learning_rate(cfg: OptimizerConfig) -> optax.Schedule:
     if cfg.schedule == "constant":
         return optax.join_schedules([optax.linear_schedule(0.0, cfg.lr, warmup), optax.constant_schedule(cfg.lr)],
                                     [warmup])
-    raise ConfigError(f"unknown schedule {cfg.schedule!r}; expected warmuplr, cosine or constant")
+    if cfg.schedule == "exponential":
+        if cfg.decay_steps < 1:
+            raise ConfigError(f"exponential schedule: decay_steps must be >= 1, got {cfg.decay_steps}")
+        return optax.exponential_decay(cfg.lr, cfg.decay_steps, cfg.decay_rate, staircase=True)
+    raise ConfigError(f"unknown schedule {cfg.schedule!r}; expected warmuplr, cosine, constant or exponential")
 
 
 def make_optimizer(cfg: OptimizerConfig) -> optax.GradientTransformation:
-    """Gradient clipping by global norm, then AdamW on the given schedule."""
-    return optax.chain(optax.clip_by_global_norm(cfg.clip_norm),
-                       optax.adamw(learning_rate(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
-                                   weight_decay=cfg.weight_decay))
+    """Gradient clipping by global norm (unless ``clip_norm`` <= 0), then AdamW on the given schedule."""
+    adamw = optax.adamw(learning_rate(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay)
+    if cfg.clip_norm <= 0:
+        return adamw
+    return optax.chain(optax.clip_by_global_norm(cfg.clip_norm), adamw)

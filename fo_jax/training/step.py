@@ -4,11 +4,16 @@
 under ``jax.lax.stop_gradient`` (no weight gradients are formed for it), while activations still
 carry gradients *through* frozen layers to upstream trainables (speech-in stages 2 and 3).
 The trainable tree and optimizer state are donated; the frozen tree never is.
+
+A stage whose update is not "one loss, one optimizer" (the codec GAN: two optimizers, alternating
+discriminator and generator updates, running statistics) provides ``make_step(optimizer_config) ->
+StageStep`` instead, with the same contract; the trainer checkpoints whatever ``opt_state`` it keeps.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from typing import Any, Callable
 
 import jax
@@ -19,6 +24,20 @@ from fo_jax import sharding
 from fo_jax.training.freeze import merge
 
 LossFn = Callable[[dict, Any, jax.Array], tuple[jax.Array, dict]]
+
+
+@dataclasses.dataclass(frozen=True)
+class StageStep:
+    """How a stage updates its trainable tree.
+
+    Attributes:
+      init: ``trainable -> opt_state`` (any pytree: one optimizer's state, or several).
+      step: jitted ``(trainable, opt_state, frozen, batch, rng) -> (trainable, opt_state, metrics)``
+        that donates the first two arguments; ``metrics`` holds at least ``loss``.
+    """
+
+    init: Callable[[dict], Any]
+    step: Callable[..., tuple[dict, Any, dict]]
 
 
 def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation,

@@ -20,8 +20,7 @@ import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
-import optax
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tensorboardX import SummaryWriter
 from tqdm import tqdm
 
@@ -32,7 +31,7 @@ from fo_jax.training.checkpoint import TrainCheckpointer
 from fo_jax.training.freeze import fingerprint, split_trainable
 from fo_jax.training.optim import OptimizerConfig, make_optimizer
 from fo_jax.training.stages import build_stage
-from fo_jax.training.step import make_train_step
+from fo_jax.training.step import StageStep, make_train_step
 
 
 class _Preemption:
@@ -49,14 +48,32 @@ class _Preemption:
         signal.signal(signal.SIGTERM, self._previous)
 
 
-def _init_optimizer(optimizer, trainable, mesh):
-    """Jitted ``optimizer.init`` and its output shardings: state that mirrors the params (Adam's
-    moments) sharded like them, the rest (step counters) replicated. (Left to itself, XLA
-    replicates the zeros it creates: the whole optimizer state on every device.)"""
+def _init_optimizer(init, trainable, mesh):
+    """Jitted ``init`` and its output shardings. A state leaf that mirrors a param (its path ends
+    with the param's path, same shape: Adam's moments, however the state nests) is sharded like
+    it, the rest (step counters) replicated. (Left to itself, XLA replicates the zeros that init
+    creates: the whole optimizer state on every device.)"""
+    params = {tuple(path): leaf for path, leaf in jax.tree_util.tree_leaves_with_path(trainable)}
     replicated = NamedSharding(mesh, P())
-    shardings = optax.tree_map_params(optimizer, lambda _, param: param.sharding, jax.eval_shape(optimizer.init, trainable),
-                                      trainable, transform_non_params=lambda _: replicated)
-    return jax.jit(optimizer.init, out_shardings=shardings), shardings
+
+    def sharding_of(path, leaf):
+        for i in range(len(path)):
+            param = params.get(tuple(path[i:]))
+            if param is not None and param.shape == leaf.shape:
+                return param.sharding
+        return replicated
+
+    shardings = jax.tree_util.tree_map_with_path(sharding_of, jax.eval_shape(init, trainable))
+    return jax.jit(init, out_shardings=shardings), shardings
+
+
+def stage_step(stage: Any, optimizer_cfg: OptimizerConfig, mesh: Mesh | None = None) -> StageStep:
+    """The stage's own ``make_step`` if it has one, else the generic step on ``stage.loss`` (traced
+    under ``mesh``'s activation rules when given)."""
+    if hasattr(stage, "make_step"):
+        return stage.make_step(optimizer_cfg)
+    optimizer = make_optimizer(optimizer_cfg)
+    return StageStep(optimizer.init, make_train_step(stage.loss, optimizer, mesh=mesh))
 
 
 def _setup(cfg: ml_collections.ConfigDict):
@@ -65,9 +82,8 @@ def _setup(cfg: ml_collections.ConfigDict):
     stage = build_stage(cfg)
     rng = jax.random.key(cfg.get("seed", 0))
     shardings = sharding.param_shardings(jax.eval_shape(stage.init_boxed, rng), mesh)
-    optimizer = make_optimizer(OptimizerConfig.from_dict(cfg.optimizer.to_dict()))
-    step_fn = make_train_step(stage.loss, optimizer, mesh=mesh)
-    return mesh, stage, rng, shardings, optimizer, step_fn
+    update = stage_step(stage, OptimizerConfig.from_dict(cfg.optimizer.to_dict()), mesh)
+    return mesh, stage, rng, shardings, update.init, update.step
 
 
 def train(cfg: ml_collections.ConfigDict, workdir: str, max_steps: int | None = None,
@@ -75,11 +91,11 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, max_steps: int | None = 
     """Trains ``cfg.stage.steps`` steps in total (or stops after ``max_steps`` more). Returns a summary."""
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    mesh, stage, rng, shardings, optimizer, step_fn = _setup(cfg)
+    mesh, stage, rng, shardings, opt_init, step_fn = _setup(cfg)
     params = jax.device_put(stage.load_params(rng), shardings)
     trainable, frozen = split_trainable(params, stage.trainable)
     frozen_print = fingerprint(frozen)
-    opt_state = _init_optimizer(optimizer, trainable, mesh)[0](trainable)
+    opt_state = _init_optimizer(opt_init, trainable, mesh)[0](trainable)
     data = stage.dataset(cfg.get("seed", 0))
     iterator = iter(data)
     checkpointer = TrainCheckpointer(workdir, save_every=cfg.stage.get("save_every", 1000),
@@ -128,7 +144,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, max_steps: int | None = 
         checkpointer.close()
         preemption.restore()
     return {"step": step, "preempted": preemption.requested, "metrics": last,
-            "frozen_fingerprint": frozen_print, "trainable": trainable, "frozen": frozen,
+            "frozen_fingerprint": frozen_print, "trainable": trainable, "frozen": frozen, "opt_state": opt_state,
             "rejected": getattr(stage, "rejected", [])}
 
 
@@ -138,14 +154,14 @@ def compile_only(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
     Returns per-device bytes: params (trainable + frozen), optimizer state, batch, and XLA's
     temporary memory, from the compiled executable's memory analysis.
     """
-    mesh, stage, rng, shardings, optimizer, step_fn = _setup(cfg)
+    mesh, stage, rng, shardings, opt_init, step_fn = _setup(cfg)
     abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                             jax.eval_shape(lambda r: nn.unbox(stage.init_boxed(r)), rng),
                             shardings)
     trainable, frozen = split_trainable(abstract, stage.trainable)
     opt_state = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                             jax.eval_shape(optimizer.init, trainable),
-                             _init_optimizer(optimizer, trainable, mesh)[1])
+                             jax.eval_shape(opt_init, trainable),
+                             _init_optimizer(opt_init, trainable, mesh)[1])
     # Stages that can describe their batches abstractly need no data (nor weights) to be checked.
     example = stage.example_batch() if hasattr(stage, "example_batch") else next(iter(stage.dataset(0)))
     batch = {k: jax.ShapeDtypeStruct((v.shape[0] * jax.process_count(),) + v.shape[1:], v.dtype,

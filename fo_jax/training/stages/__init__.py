@@ -20,14 +20,19 @@ STAGES = {
     "speech_in_ctc": "fo_jax.training.stages.speech_in_ctc:build",
     "speech_in_llm": "fo_jax.training.stages.speech_in_llm:build",
     "speech_in_dialogue": "fo_jax.training.stages.speech_in_dialogue:build",
+    "codec": "fo_jax.training.stages.codec:build",
+    "speech_decoder": "fo_jax.training.stages.speech_decoder:build",
+    "speech_prefix": "fo_jax.training.stages.speech_decoder:build_prefix",
 }
 
 
 class Stage(Protocol):
     """What the trainer needs from a stage.
 
-    Optional: ``meta`` (a JSON-able dict the trainer adds to each checkpoint's meta, e.g. frozen but
-    data-derived CMVN statistics; set by ``load_params``) and ``example_batch()`` (this process's
+    Optional: ``make_step(optimizer_config) -> fo_jax.training.step.StageStep`` replaces the generic
+    one-optimizer step on ``loss`` (the codec GAN stage: two optimizers, alternating updates);
+    ``meta`` (a JSON-able dict the trainer adds to each checkpoint's meta, e.g. frozen but
+    data-derived CMVN statistics; set by ``load_params``); ``example_batch()`` (this process's
     batch as ``jax.ShapeDtypeStruct``s, so ``--compile-only`` needs no data or weights).
     """
 

@@ -1,0 +1,47 @@
+"""Speech-out stage 2 (stage ``speech_decoder``): NAR pre-network + shared NAR/AR speech decoder
+on (text -> frozen LLM input embeddings, codec tokens) pairs.
+
+Manifest: ``{"text", "codec_tokens"}`` per line, e.g. the toy world's ``speech_out.jsonl`` after
+``fo-jax prepare-codec``. Required overrides: ``stage.manifest=PATH`` and ``stage.llm_path=DIR`` (HF
+Qwen2 directory with its tokenizer; only its embedding table is read). Without ``llm_path``,
+``stage.tokenizer=DIR`` gives a random LLM table (tests, smoke runs).
+Variants: ``tiny`` (CPU) and ``freeze_omni`` (the released decoder: 896 wide, 2 + 4 LLaMA blocks;
+lr 5e-5 as in the paper, whose schedule is not published: the release's config says Noam with
+4000 warm-up steps, weight decay 0.05, clipping 5).
+"""
+
+import ml_collections
+
+from fo_jax.config import load_config
+
+
+def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
+    if variant not in ("tiny", "freeze_omni"):
+        raise ValueError(f"unknown variant {variant!r}; expected tiny or freeze_omni")
+    real = variant == "freeze_omni"
+    model = load_config(f"configs/freeze_omni.py:{variant}").model.to_dict()
+    steps = ml_collections.FieldReference(200_000 if real else 300)
+    return ml_collections.ConfigDict({
+        "model": {"llm": model["llm"], "decoder": model["decoder"]},
+        "stage": {
+            "name": "speech_decoder",
+            "manifest": "",
+            "manifest_policy": "skip",
+            "llm_path": "",
+            "tokenizer": "",
+            # The LLM embedding table stays frozen; the whole decoder (no prefix stack here) trains.
+            "trainable": [r"^decoder/"],
+            "steps": steps,
+            "batch_size": 25 if real else 8,  # the release's max_batch_size
+            "buckets": (250, 500, 1000) if real else (64, 128, 256),  # codec tokens (40 per second)
+            "max_text_len": 256 if real else 48,  # text tokens after normalisation
+            "log_every": 10,
+            "save_every": 2000 if real else 100,
+            "keep": 3,
+        },
+        "optimizer": {"lr": 5e-5 if real else 2e-3, "schedule": "warmuplr" if real else "constant",
+                      "warmup_steps": 4000 if real else 10, "total_steps": steps, "b1": 0.9, "b2": 0.98,
+                      "eps": 1e-8, "weight_decay": 0.05, "clip_norm": 5.0},
+        "mesh": {"shape": (-1, 1, 1)},
+        "seed": 0,
+    })
