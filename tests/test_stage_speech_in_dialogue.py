@@ -21,24 +21,25 @@ from fo_jax.training.stages.speech_in_dialogue import Turn
 from tests.speech_stage_utils import fake_speech_run, speech_world, stage_gradients, train_run
 
 CONFIG = "configs/speech_in_stage3.py:tiny"
+SMALL = ["model.llm.num_layers=1", "model.encoder.num_layers=1"]  # one block each: compile time
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("dialogues")
     speech_world(root)
-    cfg = load_config(CONFIG, [f"stage.tokenizer={root / 'tok'}"])
+    cfg = load_config(CONFIG, [f"stage.tokenizer={root / 'tok'}", *SMALL])
     fake_speech_run(root / "stage2", build_stage(cfg).model)
     return root
 
 
 def _config(world, *extra):
     return load_config(CONFIG, [f"stage.tokenizer={world / 'tok'}", f"stage.manifest={world / 'dialogues.jsonl'}",
-                                f"stage.speech_from={world / 'stage2'}", *extra])
+                                f"stage.speech_from={world / 'stage2'}", *SMALL, *extra])
 
 
 def _stage(world, *extra):
-    return build_stage(load_config(CONFIG, [f"stage.tokenizer={world / 'tok'}", *extra]))
+    return build_stage(load_config(CONFIG, [f"stage.tokenizer={world / 'tok'}", *SMALL, *extra]))
 
 
 GREEDY = SamplingConfig(top_k=1)

@@ -24,27 +24,30 @@ from fo_jax.training.stages import build_stage
 from tests.speech_stage_utils import TRANSCRIPTS, fake_speech_run, speech_world, stage_gradients, train_run
 
 CONFIG = "configs/speech_in_stage2.py:tiny"
+# One block each (compile time); the run's optimizer settings, which compile-only reuses.
+SMALL = ["model.llm.num_layers=1", "model.encoder.num_layers=1"]
+RUN = ["stage.steps=10", "stage.log_every=1", "stage.spec_augment={}", "stage.buckets=(256,)",
+       "optimizer.schedule=constant", "optimizer.warmup_steps=1", "optimizer.lr=0.003"]
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("asr")
     speech_world(root)
-    stage = build_stage(load_config(CONFIG, [f"stage.tokenizer={root / 'tok'}"]))
+    stage = build_stage(load_config(CONFIG, [f"stage.tokenizer={root / 'tok'}", *SMALL]))
     fake_speech_run(root / "stage1", stage.model, parts=("encoder", "ctc"))
     return root
 
 
 def _config(world, *extra):
     return load_config(CONFIG, [f"stage.tokenizer={world / 'tok'}", f"stage.manifest={world / 'asr.jsonl'}",
-                                f"stage.encoder_from={world / 'stage1'}", *extra])
+                                f"stage.encoder_from={world / 'stage1'}", *SMALL, *extra])
 
 
 @pytest.fixture(scope="module")
 def run(world, tmp_path_factory):
     # 8 usable utterances = one batch of 8; no SpecAugment: every step sees the same batch.
-    cfg = _config(world, "stage.steps=10", "stage.log_every=1", "stage.spec_augment={}",
-                  "optimizer.schedule=constant", "optimizer.warmup_steps=1", "optimizer.lr=0.003")
+    cfg = _config(world, *RUN)
     workdir = tmp_path_factory.mktemp("run")
     return (cfg, *train_run(cfg, workdir), workdir / "run")
 
@@ -113,7 +116,8 @@ def test_gradients_reach_encoder_adapter_and_task_embeddings_through_the_frozen_
 
 def test_stage3_takes_this_runs_speech_path(run, world):
     cfg3 = load_config("configs/speech_in_stage3.py:tiny", [
-        f"stage.tokenizer={world / 'tok'}", f"stage.manifest={world / 'dialogues.jsonl'}", f"stage.speech_from={run[4]}"])
+        f"stage.tokenizer={world / 'tok'}", f"stage.manifest={world / 'dialogues.jsonl'}", f"stage.speech_from={run[4]}",
+        *SMALL])
     params = build_stage(cfg3).load_params(jax.random.key(5))
     summary = run[2]
     for part in ("encoder", "adapter", "task_embeddings"):
@@ -147,7 +151,7 @@ def test_example_batch_matches_real_batches(run):
 
 @pytest.mark.parametrize("scan", [False, True])
 def test_llm_from_a_hf_directory(world, tmp_path, scan):
-    tiny = build_stage(load_config(CONFIG, [f"stage.tokenizer={world / 'tok'}"])).model.llm
+    tiny = build_stage(load_config(CONFIG, [f"stage.tokenizer={world / 'tok'}", *SMALL])).model.llm
     llm = jax.device_get(jax.jit(lambda r: nn.unbox(init_qwen2(tiny, r)))(jax.random.key(3)))
     save_hf_qwen2(tmp_path / "llm", tiny, llm)
     load_tokenizer(world / "tok").save_pretrained(tmp_path / "llm")
@@ -164,7 +168,7 @@ def test_llm_from_a_hf_directory(world, tmp_path, scan):
 
 
 def test_compile_only_needs_no_data_or_weights():
-    report = trainer.compile_only(load_config(CONFIG))
+    report = trainer.compile_only(load_config(CONFIG, SMALL + RUN))  # no manifest, tokenizer or LLM
     sizes = report["per_device_bytes"]
     assert report["devices"] == 1 and sizes["temp"] > 0
     assert 0 <= sizes["optimizer"] - 2 * sizes["trainable"] <= 64  # Adam: 2 moments per trainable leaf

@@ -111,13 +111,15 @@ def start_params(llm: LLMSource, model: ModelConfig, rng: jax.Array, run: str | 
     run's checkpoint does not hold, e.g. the CMVN ones) from the earlier ``run`` (a workdir, or None:
     no CMVN sums either; the stage estimates them).
     """
+    trained, meta = load_trained(run) if run is not None else (None, None)  # a bad run fails first
+    if meta is not None:
+        check_same_model(model, meta["config"].get("model", {}), [p for p in parts if p in ("encoder", "adapter")],
+                         what)
     params = init_speech_llm(model, rng, with_llm=llm.path is None)
     if llm.path is not None:
         params["llm"] = llm.params()
-    if run is None:
+    if trained is None:
         return params, None
-    trained, meta = load_trained(run)
-    check_same_model(model, meta["config"].get("model", {}), [p for p in parts if p in ("encoder", "adapter")], what)
     for part, keep in parts.items():
         if part not in trained:
             raise ConfigError(f"{what}: that run trained no {part}")
