@@ -9,6 +9,10 @@ Hann window of 4 hops: 75 % overlap, which Griffin-Lim needs), the K frames of a
 one vector, and the index of the nearest of ``n_codes`` centroids (k-means, ``MelVQCodec.fit``).
 Decode: centroid -> mel -> linear magnitude through the pseudo-inverse of the mel filterbank
 (clipped at 0) -> Griffin-Lim phase. No learned decoder, so nothing to train but the codebook.
+
+Why 4 frames per token: fitted on the full toy world's assistant clips and measured on its 59
+held-out answers with pocketsphinx, the round trip has 3.9 % WER (reference audio 3.5 %); with
+2 frames per token (hop 300, window 1200) Griffin-Lim smears more: 6.1 %.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ LOG_FLOOR = 1e-5
 class MelVQConfig:
     sample_rate: int = 24000
     token_rate: int = 40
-    frames_per_token: int = 2  # STFT frames per token (their hop: samples per token / this)
+    frames_per_token: int = 4  # STFT frames per token (hop 150 samples, window 600: 6.25 ms, 25 ms)
     n_mels: int = 80
     fmin: float = 0.0
     fmax: float | None = None  # None: Nyquist
