@@ -24,7 +24,8 @@ def _llm_result(accuracy: float) -> list[Outcome]:
            "dims": {"vocab_size": 1024, "hidden_size": 64, "num_layers": 2}}
     text = {"accuracy": accuracy, "n": 20, "by_category": {"plus": accuracy},
             "errors": [{"question": "What is one plus one?", "expected": "One plus one is two.", "answer": "Two."}]}
-    return [Outcome("data", "cached", result={"records": {"text_llm": 5}, "manifests": "data/manifests"},
+    return [Outcome("data", "cached", result={"records": {"text_llm": 5}, "manifests": "data/manifests",
+                                              "synthesized": {"user": 3, "assistant": 0}},
                     seconds=60.0, cpu_seconds=50.0),
             Outcome("llm", "done", result=llm, seconds=100.0, cpu_seconds=150.0),
             Outcome("text_eval", "done", result=text, seconds=5.0, cpu_seconds=4.0)]
@@ -53,6 +54,7 @@ def test_report_renders_with_missing_sections(tmp_path):
     runtime = _status(rows, "total run time")
     assert runtime["status"] == NOT_RUN and "2.8 min so far" in runtime["measured"]
     assert "Not run: no talking yet." in md and "| One plus one is two. | Two. |" in md
+    assert "Clips synthesized by this step: user 3, assistant 0" in md
     assert "![losses](plots/losses.png)" in md and (tmp_path / "report" / "plots" / "losses.png").stat().st_size > 1000
     assert "latency" not in doc["plots"]
 

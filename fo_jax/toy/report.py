@@ -302,8 +302,10 @@ def render_markdown(run: RunInfo, targets: list[dict[str, str]], plots: dict[str
     lines += [f"| {name} | | not in the pipeline yet | | | {why} |" for name, why in run.pending.items()] + [""]
     data = run.results.get("data")
     if data is not None:
+        made = ", ".join(f"{k} {v}" for k, v in data["synthesized"].items())
         lines += ["## Data", "", "Records per manifest: " + ", ".join(f"{k} {v}" for k, v in data["records"].items())
-                  + f". Manifests: `{data['manifests']}`.", ""]
+                  + f". Manifests: `{data['manifests']}`. Clips synthesized by this step: {made} (the others came "
+                  "from the clip cache, which makes the step's time shorter than a fresh build's).", ""]
     lines += _llm_section(run) + _codec_section(run)
     lines += _pending_section(run, "Speech in (ASR, LLM input, state head)", "speech_in_eval")
     lines += _pending_section(run, "Speech out (decoder, prefix decoder)", "speech_out_eval")
