@@ -8,7 +8,6 @@ import pytest
 from fo_jax.audio.spectral import griffin_lim, istft, stft
 from fo_jax.errors import FoJaxError, LoadError
 from fo_jax.models.mel_codec import MelVQCodec, MelVQConfig
-from fo_jax.models.speech_codec import SpeechCodec, load_speech_codec
 
 RATE = 24000
 
@@ -43,8 +42,7 @@ def test_stft_istft_round_trip_is_exact_and_sized_by_hop():
 
 
 def test_encode_decode_shapes_at_40_hz(codec):
-    assert isinstance(codec, SpeechCodec)
-    assert (codec.sample_rate, codec.token_rate, codec.vocab_size) == (24000, 40, 64)
+    assert (codec.sample_rate, codec.token_rate, codec.vocab_size) == (24000, 40.0, 64)
     x = voiced(7, seconds=1.234)
     tokens = codec.encode(x)
     assert tokens.dtype == np.int32 and tokens.shape == (int(1.234 * 40),)  # 29616 samples // 600
@@ -77,13 +75,29 @@ def test_round_trip_log_mel_error_is_small(codec):
 
 def test_save_load_round_trip(codec, tmp_path):
     codec.save(tmp_path / "c")
-    loaded = load_speech_codec(tmp_path / "c")
-    assert isinstance(loaded, MelVQCodec) and loaded.config == codec.config
+    loaded = MelVQCodec.load(tmp_path / "c")
+    assert loaded.config == codec.config
     np.testing.assert_array_equal(loaded.codebook, codec.codebook)
     x = voiced(10)
     np.testing.assert_array_equal(loaded.encode(x), codec.encode(x))
-    with pytest.raises(LoadError, match="not found"):
-        load_speech_codec(tmp_path / "nothing")
+    with pytest.raises(LoadError, match="cannot load the mel codec"):
+        MelVQCodec.load(tmp_path / "nothing")
     (tmp_path / "c" / "codec.json").write_text('{"kind": "wavenet"}')
-    with pytest.raises(LoadError, match="unknown codec kind 'wavenet'"):
-        load_speech_codec(tmp_path / "c")
+    with pytest.raises(LoadError, match="not a mel_vq codec"):
+        MelVQCodec.load(tmp_path / "c")
+
+
+def test_prepare_codec_tokens_takes_the_mel_codec(codec, tmp_path):
+    from fo_jax.audio.io import write_wav
+    from fo_jax.data.codec_tokens import prepare_codec_tokens
+    from fo_jax.data.manifest import write_manifest
+    from fo_jax.training.stages.codec import load_speech_codec
+
+    codec.save(tmp_path / "codec")
+    loaded = load_speech_codec(tmp_path / "codec")  # what `fo-jax prepare-codec --codec DIR` loads
+    assert isinstance(loaded, MelVQCodec)
+    write_wav(tmp_path / "a.wav", voiced(11, seconds=1.0), RATE)
+    write_manifest(tmp_path / "in.jsonl", [{"audio": "a.wav", "text": "hi"}])
+    records, problems = prepare_codec_tokens(tmp_path / "in.jsonl", tmp_path / "out.jsonl", loaded, progress=False)
+    assert not problems and records[0]["codec_tokens"] == codec.encode(voiced(11, seconds=1.0)).tolist()
+    assert len(records[0]["codec_tokens"]) == 40

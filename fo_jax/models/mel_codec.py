@@ -1,8 +1,9 @@
 """A fast-training speech codec: k-means vector quantisation of log-mel frames, fixed inverse.
 
 The toy world's stand-in for TiCodec where a GAN vocoder cannot learn in minutes on a CPU. Same
-interface (``fo_jax.models.speech_codec.SpeechCodec``) and token stream shape: 24 kHz audio, one
-token per 600 samples (40 Hz) from 1024 codes.
+interface (``fo_jax.data.codec_tokens.SpeechCodec``) and token stream shape: 24 kHz audio, one
+token per 600 samples (40 Hz) from 1024 codes. ``save`` writes a folder (``codec.json`` +
+``codebook.npy``) that ``MelVQCodec.load`` reads back.
 
 Encode: log-mel spectrogram with ``frames_per_token`` STFT frames per token (hop 600 / K,
 Hann window of 4 hops: 75 % overlap, which Griffin-Lim needs), the K frames of a token stacked into
@@ -92,7 +93,8 @@ class MelVQCodec:
             raise FoJaxError(f"MelVQCodec: codebook shape {codebook.shape}, config implies {expected}")
         self.config = config
         self.codebook = np.asarray(codebook, np.float32)
-        self.sample_rate, self.token_rate, self.vocab_size = config.sample_rate, config.token_rate, config.n_codes
+        self.sample_rate, self.vocab_size = config.sample_rate, config.n_codes
+        self.token_rate = float(config.token_rate)
         fb = mel_filterbank(config.sample_rate, config.n_fft, config.n_mels, config.fmin, config.fmax)
         self._mel_basis = fb  # (n_mels, F)
         self._mel_inverse = np.linalg.pinv(fb).astype(np.float32)  # (F, n_mels)
@@ -122,7 +124,7 @@ class MelVQCodec:
                              f"got [{tokens.min()}, {tokens.max()}]")
         return self.codebook[tokens].reshape(-1, self.config.n_mels)
 
-    # --- the SpeechCodec interface ---------------------------------------------------------------
+    # --- the SpeechCodec interface (fo_jax.data.codec_tokens), and saving ----------------------------
 
     def encode(self, wav: np.ndarray) -> np.ndarray:
         return nearest(self.features(wav), self.codebook)
@@ -137,6 +139,7 @@ class MelVQCodec:
         return griffin_lim(magnitude, c.n_fft, c.hop, c.griffin_lim_iters)
 
     def save(self, path: str | os.PathLike) -> None:
+        """Writes ``path/codec.json`` (kind and config) and ``path/codebook.npy``."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         np.save(path / "codebook.npy", self.codebook)
