@@ -26,8 +26,10 @@ def test_toy_quick_end_to_end_and_rerun_skips(tmp_path, capsys):
     assert all(s["status"] == "done" for s in steps.values()), steps
     fast = steps["codec_fast"]["result"]["intelligibility"]
     assert fast["reference"]["wer"] < 0.25 and fast["roundtrip"]["wer"] < 0.5, fast
+    assert steps["ticodec"]["result"]["steps"] == 100 and steps["ticodec"]["result"]["intelligibility"]["n"] == 14
     assert (tmp_path / "llm" / "hf" / "model.safetensors").exists()
     assert (tmp_path / "codec_fast" / "wavs" / "00_roundtrip.wav").exists()
+    assert (tmp_path / "ticodec" / "wavs" / "00_roundtrip.wav").exists()
     assert (tmp_path / "report" / "plots" / "losses.png").exists()
     md = (tmp_path / "report" / "report.md").read_text()
     assert "NOT RUN" in md and "## Text LLM (frozen)" in md
@@ -36,5 +38,5 @@ def test_toy_quick_end_to_end_and_rerun_skips(tmp_path, capsys):
     started = time.perf_counter()
     assert main(["toy", "--quick", "--workdir", str(tmp_path), "--no-progress"]) == 0
     out = capsys.readouterr().out
-    assert out.count("done earlier, skipped") == 4
+    assert out.count("done earlier, skipped") == 5
     assert time.perf_counter() - started < first / 3

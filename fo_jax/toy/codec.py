@@ -15,9 +15,9 @@ from typing import Any, Callable
 import numpy as np
 
 from fo_jax.audio.io import load_audio, resample, write_wav
+from fo_jax.data.codec_tokens import SpeechCodec
 from fo_jax.data.manifest import read_manifest, resolve
 from fo_jax.models.mel_codec import MelVQCodec, MelVQConfig
-from fo_jax.models.speech_codec import SpeechCodec
 from fo_jax.toy.synth import USER_RATE, recognize, wer
 from fo_jax.toy.world import answer_matches
 
@@ -39,10 +39,20 @@ def train_fast_codec(speech_out_manifest: str | os.PathLike, config: MelVQConfig
     return codec, sum(len(c) // config.samples_per_token for c in clips)
 
 
+def roundtrip(codec: SpeechCodec, wav: np.ndarray, pad_tokens: int = 1) -> np.ndarray:
+    """``decode(encode(wav))``, the input zero-padded to a multiple of ``pad_tokens`` tokens and the
+    padding cut from the output (a jitted codec then compiles once per padded length, not per clip)."""
+    per_token = round(codec.sample_rate / codec.token_rate)
+    n = len(wav) // per_token
+    padded = np.zeros(-(-n // pad_tokens) * pad_tokens * per_token, np.float32)
+    padded[:n * per_token] = wav[:n * per_token]
+    return codec.decode(codec.encode(padded))[:n * per_token]
+
+
 def roundtrip_intelligibility(codec: SpeechCodec, test_manifest: str | os.PathLike, lm: str | os.PathLike,
-                              wav_dir: str | os.PathLike | None = None, n_wavs: int = 4,
+                              wav_dir: str | os.PathLike | None = None, n_wavs: int = 4, pad_tokens: int = 1,
                               progress: bool = True) -> dict[str, Any]:
-    """Recognizer scores of the reference answers and of their codec round trips.
+    """Recognizer scores of the reference answers and of their codec round trips (``roundtrip``).
 
     ``test_manifest`` records have ``answer`` and ``answer_audio`` (the toy's test_qa.jsonl). The
     first ``n_wavs`` round trips (and their references) are written to ``wav_dir`` for listening.
@@ -57,7 +67,7 @@ def roundtrip_intelligibility(codec: SpeechCodec, test_manifest: str | os.PathLi
     answers, ref_hyps, rt_hyps = [], [], []
     for i, r in enumerate(tqdm(records, desc="codec round trip", unit="clip", disable=not progress)):
         reference = load_audio(resolve(r["answer_audio"], base), sample_rate=codec.sample_rate)[0]
-        rebuilt = codec.decode(codec.encode(reference))
+        rebuilt = roundtrip(codec, reference, pad_tokens)
         answers.append(r["answer"])
         ref_hyps.append(recognize(resample(reference, codec.sample_rate, USER_RATE), lm))
         rt_hyps.append(recognize(resample(rebuilt, codec.sample_rate, USER_RATE), lm))

@@ -26,12 +26,13 @@ TOKENIZER_VOCAB = 1024
 FAST_CODEC_ITERS = {False: 20, True: 10}  # k-means iterations: full, quick
 FAST_CODEC_MAX_VECTORS = 60_000  # k-means sample (the full world's assistant clips have ~75k)
 BUDGET_S = {False: 30 * 60, True: 10 * 60}  # the run-time targets on 2 CPU cores
+TICODEC_CONFIG = "configs/speech_out_stage1.py:tiny"
+TICODEC_OVERRIDES = {False: (), True: ("stage.steps=100",)}  # full, quick
 
 PENDING = {
     "asr_eval": "speech-in stage 1/2 (CTC ASR, LLM input) are not toy steps yet",
     "speech_in_eval": "speech-in stages 2/3 are not toy steps yet",
     "state_eval": "speech-in stage 3 (state head) is not a toy step yet",
-    "ticodec": "the TiCodec GAN training stage has not landed yet",
     "speech_out_eval": "speech-out stages (decoder, prefix decoder) are not toy steps yet",
     "talk": "duplex speech-to-speech talking (the inference pipeline) is not a toy step yet",
 }
@@ -118,6 +119,33 @@ def _codec_fast(ctx: StepContext) -> dict[str, Any]:
             "metrics": _rel(ctx, out / "metrics.jsonl"), "metrics_label": "k-means distortion (MSE)"}
 
 
+# --- TiCodec ------------------------------------------------------------------------------------
+
+def _ticodec_config(ctx: StepContext, overrides: tuple[str, ...] = ()):
+    from fo_jax.config import load_config
+
+    return load_config(TICODEC_CONFIG, [*TICODEC_OVERRIDES[ctx.quick], *overrides])
+
+
+def _ticodec(ctx: StepContext) -> dict[str, Any]:
+    from fo_jax.toy.codec import roundtrip_intelligibility
+    from fo_jax.toy.synth import world_lm
+    from fo_jax.training.stages.codec import load_speech_codec
+    from fo_jax.training.trainer import train
+
+    out = ctx.dir("ticodec")
+    cfg = _ticodec_config(ctx, (f"stage.manifest={manifest(ctx, 'speech_out').resolve()}",))
+    summary = train(cfg, str(out / "run"), progress=ctx.progress)
+    codec = load_speech_codec(out / "run")
+    lm = world_lm(out / "world.arpa", ctx.seed)
+    # Whole-second padding: TiCodec compiles per length, and every answer has its own.
+    ev = roundtrip_intelligibility(codec, manifest(ctx, "test_qa"), lm, out / "wavs", pad_tokens=40,
+                                   progress=ctx.progress)
+    return {"steps": summary["step"], "note": f"{TICODEC_CONFIG}, {summary['step']} GAN steps",
+            "intelligibility": ev, "wav_dir": _rel(ctx, out / "wavs"),
+            "metrics": _rel(ctx, out / "run" / "metrics.jsonl"), "metrics_label": "generator loss"}
+
+
 def steps() -> list[Step]:
     return [
         Step("data", _data, _data_inputs, clean=False, title="synthesize speech, write manifests"),
@@ -125,6 +153,8 @@ def steps() -> list[Step]:
         Step("text_eval", _text_eval, after=("llm", "data"), title="text-QA accuracy of the frozen LLM"),
         Step("codec_fast", _codec_fast, _codec_inputs, after=("data",),
              title="fit the fast mel codec, round-trip intelligibility"),
+        Step("ticodec", _ticodec, lambda ctx: {"config": _ticodec_config(ctx).to_dict()}, after=("data",),
+             title="train TiCodec (speech-out stage 1, tiny), round-trip intelligibility"),
     ]
 
 
