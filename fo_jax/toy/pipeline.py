@@ -70,7 +70,8 @@ def _llm_inputs(ctx: StepContext) -> dict[str, Any]:
     from fo_jax.config import load_config
     from fo_jax.toy.llm import CONFIG
 
-    return {"vocab": TOKENIZER_VOCAB, "preset": load_config(f"{CONFIG}:{'toy_quick' if ctx.quick else 'toy'}").to_dict()}
+    preset = load_config(f"{CONFIG}:{'toy_quick' if ctx.quick else 'toy'}")
+    return {"vocab": TOKENIZER_VOCAB, "preset": preset.to_dict()}
 
 
 def _llm(ctx: StepContext) -> dict[str, Any]:
@@ -143,7 +144,8 @@ def _ticodec(ctx: StepContext) -> dict[str, Any]:
                                    progress=ctx.progress)
     return {"steps": summary["step"], "note": f"{TICODEC_CONFIG}, {summary['step']} GAN steps",
             "intelligibility": ev, "wav_dir": _rel(ctx, out / "wavs"),
-            "metrics": _rel(ctx, out / "run" / "metrics.jsonl"), "metrics_label": "generator loss"}
+            "metrics": _rel(ctx, out / "run" / "metrics.jsonl"), "metrics_key": "mel",
+            "metrics_label": "mel L1 (generator)"}
 
 
 def steps() -> list[Step]:

@@ -11,7 +11,7 @@ Result fields the targets read (the contract for the steps that produce them):
   speech_out_eval.accuracy and .reference_accuracy; llm.fingerprint and checks.llm_fingerprint_now;
   talk.latency_ms ({component: ms}) and talk.endpoint_delay_ms. Any result with a ``metrics``
   field (a metrics.jsonl path relative to the workdir, lines {"step", "loss", ...}) gets a loss plot
-  (y axis: its ``metrics_label``, default "loss").
+  of its ``metrics_key`` (default "loss"), the y axis labelled ``metrics_label``.
 """
 
 from __future__ import annotations
@@ -324,8 +324,11 @@ def write_report(out_dir: str | os.PathLike, run: RunInfo) -> dict[str, Path]:
     for name, result in results.items():
         if isinstance(result, dict) and result.get("metrics"):
             path = run.workdir / result["metrics"]
-            if path.exists() and (rows := [r for r in read_metrics(path) if "loss" in r]):
-                curves[name] = (result.get("metrics_label", "loss"), rows)
+            key = result.get("metrics_key", "loss")
+            rows = [{"step": r["step"], "loss": r[key]} for r in (read_metrics(path) if path.exists() else [])
+                    if key in r]
+            if rows:
+                curves[name] = (result.get("metrics_label", key), rows)
     plots = {}
     if curves:
         plot_losses(curves, out / "plots" / "losses.png")
