@@ -176,7 +176,8 @@ for r in [header] + rows:
 # `fsdp` and by columns over `tensor`, so each of the 4 devices holds one quarter.
 
 # %%
-jax.debug.visualize_array_sharding(sharded["layers_0"]["mlp"]["gate_proj"]["kernel"])
+# use_color=False: with matplotlib installed, jax colours the blocks and drops the grid lines.
+jax.debug.visualize_array_sharding(sharded["layers_0"]["mlp"]["gate_proj"]["kernel"], use_color=False)
 
 # %% [markdown]
 # Jitted code runs on sharded params unchanged (GSPMD inserts the collectives), so the same
