@@ -30,11 +30,22 @@ def test_single_bf16_row_is_padded_and_gives_the_same_numbers(lead):
     dots = [e for e in jax.make_jaxpr(lambda a: project(a, w, dtype=jnp.bfloat16))(x).eqns
             if e.primitive.name == "dot_general"]
     padded = jax.default_backend() == "cpu"  # the fast two-row form of XLA:CPU
-    assert dots[0].invars[0].aval.shape == ((2, 64) if padded else x.shape)
+    assert dots[0].invars[0].aval.shape == ((2, 64) if padded else (1, 64))
     # float32 single rows keep the one-row product (the fastest there)
     dots32 = [e for e in jax.make_jaxpr(lambda a: project(a, w.astype(jnp.float32)))(x.astype(jnp.float32)).eqns
               if e.primitive.name == "dot_general"]
-    assert dots32[0].invars[0].aval.shape == x.shape
+    assert dots32[0].invars[0].aval.shape == (1, 64)
+
+
+def test_multi_axis_kernels_are_not_copied_per_call():
+    # (N, H, D) head projections and (D, N, H) output projections: a product over several kernel
+    # axes made XLA:CPU copy the whole kernel into another layout on every decode step.
+    x = jnp.zeros((1, 1, 896), jnp.float32)
+    wq, wo = jnp.zeros((14, 64, 896), jnp.float32), jnp.zeros((896, 14, 64), jnp.float32)
+    hlo = jax.jit(lambda x, wq, wo: project(project(x, wq), wo, in_axes=2)).lower(x, wq, wo).compile().as_text()
+    kernel_copies = [line for line in hlo.splitlines()
+                     if ("transpose(" in line or " copy(" in line) and ("14,64,896" in line or "896,14,64" in line)]
+    assert not kernel_copies, kernel_copies
 
 
 def test_linear_params_follow_the_torch_layout_with_logical_names():

@@ -49,16 +49,15 @@ def project(x: jax.Array, kernel: jax.Array, in_axes: int = 1, dtype=jnp.float32
       out_dtype: the result's dtype (default ``dtype``); accumulation is float32 either way.
     """
     out_dtype = out_dtype or dtype
-    lead = x.shape[: x.ndim - in_axes]
-    x = x.astype(dtype)
-    pad = _pad_single_row(x, in_axes, dtype)
-    if pad:
-        x = jnp.broadcast_to(x.reshape((1,) + x.shape[x.ndim - in_axes:]), (2,) + x.shape[x.ndim - in_axes:])
-    contract = (tuple(range(x.ndim - in_axes, x.ndim)), tuple(range(kernel.ndim - in_axes, kernel.ndim)))
-    y = jax.lax.dot_general(x, kernel.astype(dtype), (contract, ((), ())), preferred_element_type=jnp.float32)
-    if pad:
-        y = y[:1].reshape(lead + y.shape[1:])
-    return y.astype(out_dtype)
+    lead, out = x.shape[: x.ndim - in_axes], kernel.shape[: kernel.ndim - in_axes]
+    # As one 2-D product (rows, in) x (out, in): XLA:CPU copies a kernel with several output or
+    # input axes into another layout on every call, and these reshapes are free bitcasts.
+    x = x.astype(dtype).reshape(math.prod(lead), -1)
+    if _pad_single_row(x, 1, dtype):
+        x = jnp.broadcast_to(x, (2, x.shape[1]))
+    y = jax.lax.dot_general(x, kernel.astype(dtype).reshape(math.prod(out), -1), (((1,), (1,)), ((), ())),
+                            preferred_element_type=jnp.float32)
+    return y[: math.prod(lead)].reshape(lead + out).astype(out_dtype)
 
 
 class Linear(nn.Module):
