@@ -60,3 +60,17 @@ def test_linear_params_follow_the_torch_layout_with_logical_names():
     torch_like = TorchLinear(5, dtype=jnp.bfloat16).init(jax.random.key(0), jnp.zeros((2, 16)))["params"]
     assert set(torch_like) == {"kernel", "bias"}
     assert TorchLinear(5, dtype=jnp.bfloat16).apply({"params": nn.unbox(torch_like)}, x).dtype == jnp.float32
+
+
+def test_two_float32_rows_run_as_two_single_row_products():
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.standard_normal((1, 2, 64)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((32, 64)), jnp.float32)
+    np.testing.assert_allclose(project(x, w), np.asarray(x) @ np.asarray(w).T, rtol=1e-5, atol=1e-5)
+    dots = [e.invars[0].aval.shape for e in jax.make_jaxpr(lambda a: project(a, w))(x).eqns
+            if e.primitive.name == "dot_general"]
+    assert dots == ([(1, 64), (1, 64)] if jax.default_backend() == "cpu" else [(2, 64)])
+    # three rows and more: one product
+    dots3 = [e for e in jax.make_jaxpr(lambda a: project(a, w))(jnp.zeros((3, 64))).eqns
+             if e.primitive.name == "dot_general"]
+    assert len(dots3) == 1

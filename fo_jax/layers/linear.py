@@ -7,10 +7,12 @@ that streaming and decoding are made of (``benchmarks/cpu_probe.py``, BENCHMARKS
 1.2-1.3x, bfloat16 2x over ``(in, out)`` kernels at 1-4 rows). Accelerators don't care.
 
 ``project`` is the one dot they all use: inputs in the compute dtype, float32 accumulation
-(``preferred_element_type``), result cast to ``out_dtype``. One exception, on CPU only: a single
-row against 16-bit weights is computed as two identical rows, because XLA:CPU runs a one-row
-bfloat16 product through a slow generic loop (~2 GB/s of weights) and a two-row one through its
-matmul library (~17 GB/s); the extra row costs nothing measurable.
+(``preferred_element_type``), result cast to ``out_dtype``. Two exceptions, on CPU only, both for
+the few-row products of streaming: a single row against 16-bit weights is computed as two
+identical rows, because XLA:CPU runs a one-row bfloat16 product through a slow generic loop
+(~2 GB/s of weights) and a two-row one through its matmul library (~17 GB/s); and two float32 rows
+are computed as two one-row products, because XLA:CPU's float32 matrix-vector kernel reads weights
+at ~28 GB/s while its two-row matmul gets ~10 (a Qwen2-0.5B two-position step: 207 -> 120 ms).
 """
 
 from __future__ import annotations
@@ -34,9 +36,12 @@ def fan_in_init(in_axes: int = 1) -> Init:
     return nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=axes, out_axis=0)
 
 
-def _pad_single_row(x: jax.Array, in_axes: int, dtype) -> bool:
-    rows = math.prod(x.shape[: x.ndim - in_axes])
-    return rows == 1 and jnp.dtype(dtype).itemsize == 2 and jax.default_backend() == "cpu"
+def _pad_single_row(x_ri: jax.Array, dtype) -> bool:
+    return x_ri.shape[0] == 1 and jnp.dtype(dtype).itemsize == 2 and jax.default_backend() == "cpu"
+
+
+def _split_two_rows(x_ri: jax.Array, dtype) -> bool:
+    return x_ri.shape[0] == 2 and jnp.dtype(dtype) == jnp.float32 and jax.default_backend() == "cpu"
 
 
 def project(x: jax.Array, kernel: jax.Array, in_axes: int = 1, dtype=jnp.float32, out_dtype=None) -> jax.Array:
@@ -53,11 +58,18 @@ def project(x: jax.Array, kernel: jax.Array, in_axes: int = 1, dtype=jnp.float32
     # As one 2-D product (rows, in) x (out, in): XLA:CPU copies a kernel with several output or
     # input axes into another layout on every call, and these reshapes are free bitcasts.
     x = x.astype(dtype).reshape(math.prod(lead), -1)
-    if _pad_single_row(x, 1, dtype):
+    kernel = kernel.astype(dtype).reshape(math.prod(out), -1)
+    if _pad_single_row(x, dtype):
         x = jnp.broadcast_to(x, (2, x.shape[1]))
-    y = jax.lax.dot_general(x, kernel.astype(dtype).reshape(math.prod(out), -1), (((1,), (1,)), ((), ())),
-                            preferred_element_type=jnp.float32)
+    if _split_two_rows(x, dtype):
+        y = jnp.concatenate([_dot(x[:1], kernel), _dot(x[1:], kernel)])
+    else:
+        y = _dot(x, kernel)
     return y[: math.prod(lead)].reshape(lead + out).astype(out_dtype)
+
+
+def _dot(x_ri: jax.Array, kernel_oi: jax.Array) -> jax.Array:
+    return jax.lax.dot_general(x_ri, kernel_oi, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
 
 
 class Linear(nn.Module):
