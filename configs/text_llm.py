@@ -1,8 +1,10 @@
 """Stage ``text_lm``: causal-LM training of a Qwen2 text model on a JSONL manifest of
 ``{"messages": [...]}`` (ChatML; loss on assistant turns) or ``{"text": ...}`` records.
 
-Variants: ``tiny`` (CPU seconds; the toy world's LLM) and ``qwen2_0_5b`` (fine-tune a loaded HF
-Qwen2 directory given as ``stage.init_from``; attention and MLP train, embeddings stay frozen).
+Variants: ``tiny`` (CPU seconds), ``toy`` / ``toy_quick`` (the toy world's LLM, ``fo-jax toy``
+and ``fo-jax toy --quick``: the tiny dimensions, trained long enough to know every fact) and
+``qwen2_0_5b`` (fine-tune a loaded HF Qwen2 directory given as ``stage.init_from``; attention and
+MLP train, embeddings stay frozen).
 Required overrides: ``stage.manifest=...`` and ``stage.tokenizer=...`` (a HF tokenizer directory).
 """
 
@@ -12,9 +14,9 @@ from fo_jax.config import load_config
 
 
 def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
-    if variant not in ("tiny", "qwen2_0_5b"):
-        raise ValueError(f"unknown variant {variant!r}; expected tiny or qwen2_0_5b")
-    model = load_config(f"configs/freeze_omni.py:{variant}").model.to_dict()
+    if variant not in ("tiny", "toy", "toy_quick", "qwen2_0_5b"):
+        raise ValueError(f"unknown variant {variant!r}; expected tiny, toy, toy_quick or qwen2_0_5b")
+    model = load_config(f"configs/freeze_omni.py:{'qwen2_0_5b' if variant == 'qwen2_0_5b' else 'tiny'}").model.to_dict()
     steps = ml_collections.FieldReference(500)  # shared: overriding stage.steps moves the schedule too
     cfg = ml_collections.ConfigDict({
         "model": {"llm": model["llm"]},
@@ -41,4 +43,10 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
         cfg.stage.update(trainable=[r"/self_attn/", r"/mlp/"], batch_size=8, seq_len=512)
         cfg.stage.steps = 2000
         cfg.optimizer.update(lr=2e-5, warmup_steps=100)
+    if variant in ("toy", "toy_quick"):
+        # The toy world's longest conversation is 95 tokens with its 1024-token BPE. Measured on
+        # the full world's 59 test questions: 800 steps -> 100 % (600: 83 %, 400: 53 %).
+        cfg.stage.update(seq_len=96, save_every=200)
+        cfg.stage.steps = 800 if variant == "toy" else 400
+        cfg.optimizer.lr = 6e-3
     return cfg

@@ -70,12 +70,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fo-jax", description="Freeze-Omni in JAX/Flax")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_generate(sub)
-    from fo_jax.cli import infer, prepare, smoke, train
+    from fo_jax.cli import infer, prepare, smoke, toy, train
 
     infer.add_parser(sub)
     smoke.add_parser(sub)
     train.add_parser(sub)
     prepare.add_parser(sub)
+    toy.add_parser(sub)
     return parser
 
 

@@ -14,7 +14,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("prepare-codec", help="precompute codec tokens of a manifest's audio (speech-out stages 2, 3)")
     p.add_argument("--manifest", required=True, help="JSONL manifest with 'audio' (e.g. speech_out.jsonl)")
     p.add_argument("--codec", required=True,
-                   help="a `codec` training run directory, or the release's codec directory (model.json + final.pt)")
+                   help="a `codec` training run directory, the release's codec directory (model.json + final.pt), "
+                        "or a saved fast mel codec (codec.json, e.g. fo-jax toy's WORKDIR/codec_fast/codec)")
     p.add_argument("--out", required=True, help="manifest to write (records + 'codec_tokens')")
     p.add_argument("--policy", choices=["skip", "strict"], default="skip",
                    help="bad records: skip them (listed) or stop at the first")

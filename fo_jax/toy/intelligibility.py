@@ -20,15 +20,14 @@ from typing import Sequence
 from fo_jax.audio.io import load_audio
 from fo_jax.toy.build import stratified_subset
 from fo_jax.toy.synth import (ASSISTANT_RATE, ASSISTANT_VOICE, USER_RATE, USER_VOICES, recognize, synthesize_all,
-                              wer, write_arpa)
+                              wer, world_lm)
 from fo_jax.toy.world import make_world, normalize
 
 
 def measure(n: int, workdir: Path, seed: int = 0, progress: bool = True) -> dict:
     w = make_world(seed)
     pairs = stratified_subset(w.qa, n, random.Random(f"intelligibility/{seed}"))
-    lm = write_arpa([p.question for p in w.qa] + [p.answer for p in w.qa] + [a.text for a in w.asides]
-                    + list(w.read), workdir / "toy_world.arpa")
+    lm = world_lm(workdir / "toy_world.arpa", seed)
     families = defaultdict(list)
     for v in USER_VOICES:
         families[v.family].append(v)

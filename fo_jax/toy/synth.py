@@ -28,7 +28,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from fo_jax.toy.world import normalize
+from fo_jax.toy.world import make_world, normalize
 
 USER_RATE, ASSISTANT_RATE = 16000, 24000
 CACHE_VERSION = 1  # bump when synthesis changes in a way the key does not capture
@@ -197,6 +197,14 @@ def write_arpa(sentences: Iterable[str], path: str | os.PathLike, discount: floa
         prons = [line for line in f if line.split(maxsplit=1)[0].split("(")[0] in uni]
     path.with_suffix(".dict").write_text("".join(prons), encoding="utf-8")
     return path
+
+
+def world_lm(path: str | os.PathLike, seed: int = 0) -> Path:
+    """The recognizer's domain LM (``write_arpa``) of every sentence of the world: questions,
+    answers, asides and read sentences."""
+    w = make_world(seed)
+    return write_arpa([p.question for p in w.qa] + [p.answer for p in w.qa] + [a.text for a in w.asides]
+                      + list(w.read), path)
 
 
 def _words(x: str | Sequence[str]) -> list[str]:

@@ -66,6 +66,15 @@ def normalize(text: str) -> str:
     return " ".join(re.sub(r"[^a-z0-9' ]+", " ", text.lower()).split())
 
 
+def answer_matches(answer: str, reference: str) -> bool:
+    """The toy world's scoring rule: the whole answer's normalized words equal the reference's.
+
+    Used for text answers, speech-in -> text-out answers and recognizer transcripts of spoken
+    answers alike. Strict on purpose: a right number in a wrong sentence does not count.
+    """
+    return normalize(answer) == normalize(reference)
+
+
 # --- fixed content ----------------------------------------------------------------------------
 
 CAPITALS = (

@@ -9,13 +9,13 @@ The VQ loss itself is computed by the quantiser (``fo_jax.models.codec.quantizer
 
 from __future__ import annotations
 
-import functools
 from typing import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fo_jax.audio.spectral import mel_filterbank
 from fo_jax.models.codec import quantizer_loss  # noqa: F401  (re-exported: one place per concept)
 from fo_jax.models.configs import CodecConfig
 
@@ -41,32 +41,6 @@ def generator_loss(generated: Sequence[jax.Array]) -> tuple[jax.Array, list[jax.
     """LSGAN generator loss: sum of mean (1 - D(gen))^2. Returns (total, per discriminator)."""
     losses = [jnp.mean(jnp.square(1.0 - dg)) for dg in generated]
     return sum(losses), losses
-
-
-def _hz_to_mel(f: np.ndarray) -> np.ndarray:
-    """Slaney mel scale: linear (3 mel per 200 Hz) below 1 kHz, logarithmic above."""
-    f = np.asarray(f, np.float64)
-    logstep = np.log(6.4) / 27.0
-    return np.where(f < 1000.0, f * 3.0 / 200.0, 15.0 + np.log(np.maximum(f, 1e-10) / 1000.0) / logstep)
-
-
-def _mel_to_hz(m: np.ndarray) -> np.ndarray:
-    m = np.asarray(m, np.float64)
-    logstep = np.log(6.4) / 27.0
-    return np.where(m < 15.0, m * 200.0 / 3.0, 1000.0 * np.exp(logstep * (m - 15.0)))
-
-
-@functools.lru_cache(maxsize=16)
-def mel_filterbank(sample_rate: int, n_fft: int, n_mels: int, fmin: float, fmax: float | None) -> np.ndarray:
-    """(n_mels, n_fft // 2 + 1) Slaney-normalised triangular filters (librosa.filters.mel defaults)."""
-    fmax = sample_rate / 2.0 if fmax is None else float(fmax)
-    fft_hz = np.linspace(0.0, sample_rate / 2.0, n_fft // 2 + 1)
-    mel_hz = _mel_to_hz(np.linspace(_hz_to_mel(fmin), _hz_to_mel(fmax), n_mels + 2))
-    lo, center, hi = mel_hz[:-2, None], mel_hz[1:-1, None], mel_hz[2:, None]
-    rising = (fft_hz - lo) / (center - lo)
-    falling = (hi - fft_hz) / (hi - center)
-    weights = np.maximum(0.0, np.minimum(rising, falling))
-    return (weights * (2.0 / (hi - lo))).astype(np.float32)  # Slaney: each filter has unit area in Hz
 
 
 def mel_spectrogram(wav_bs: jax.Array, n_fft: int, n_mels: int, sample_rate: int, hop_size: int,

@@ -30,7 +30,7 @@ import optax
 from fo_jax.audio.io import load_audio
 from fo_jax.config import model_config
 from fo_jax.conversion.official_codec import load_official_codec
-from fo_jax.data.codec_tokens import TiCodecTokens
+from fo_jax.data.codec_tokens import SpeechCodec, TiCodecTokens
 from fo_jax.data.manifest import read_manifest, resolve
 from fo_jax.data.prepare import check_audio
 from fo_jax.data.speech import bucketed_dataset, plan_batches
@@ -38,6 +38,7 @@ from fo_jax.errors import ConfigError, LoadError
 from fo_jax.models import codec as ticodec
 from fo_jax.models.configs import CodecConfig
 from fo_jax.models.discriminators import MultiPeriodDiscriminator, MultiScaleDiscriminator
+from fo_jax.models.mel_codec import MelVQCodec
 from fo_jax.training import codec_losses as losses
 from fo_jax.training.checkpoint import check_like, load_trained
 from fo_jax.training.freeze import flatten, merge, unflatten
@@ -248,10 +249,12 @@ def _codec_of_run(params: dict, run_cfg: dict) -> tuple[CodecConfig, dict]:
     return config, {"params": ticodec.fold_weight_norm(tree["codec"]), "batch_stats": tree["codec_batch_stats"]}
 
 
-def load_speech_codec(source: str | Path) -> TiCodecTokens:
-    """A ``SpeechCodec`` from a ``codec`` training run directory or the release's codec directory
-    (``model.json`` + ``final.pt``)."""
+def load_speech_codec(source: str | Path) -> SpeechCodec:
+    """A ``SpeechCodec`` from a ``codec`` training run directory, the release's codec directory
+    (``model.json`` + ``final.pt``) or a saved fast mel codec (``codec.json``, the toy world's)."""
     path = Path(source)
+    if (path / "codec.json").is_file():
+        return MelVQCodec.load(path)
     if (path / "checkpoints").is_dir():
         params, meta = load_trained(path)
         run_cfg = meta.get("config", {})
@@ -261,7 +264,8 @@ def load_speech_codec(source: str | Path) -> TiCodecTokens:
     if (path / "model.json").is_file():
         config, variables = load_official_codec(path)
         return TiCodecTokens(config, variables)
-    raise LoadError(f"{path}: neither a codec training run (checkpoints/) nor a codec directory (model.json)")
+    raise LoadError(f"{path}: neither a codec training run (checkpoints/) nor a codec directory "
+                    "(model.json or codec.json)")
 
 
 def build(cfg) -> CodecStage:

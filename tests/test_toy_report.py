@@ -1,0 +1,86 @@
+"""The toy world's report (fo_jax.toy.report) and its answer-matching rule."""
+
+from __future__ import annotations
+
+import json
+
+from fo_jax.toy.report import FAIL, NOT_RUN, PASS, RunInfo, evaluate_targets, write_report
+from fo_jax.toy.steps import Outcome
+from fo_jax.toy.world import answer_matches
+
+
+def test_answer_matching_rule():
+    assert answer_matches("Seven plus five is twelve.", "seven plus five is twelve")
+    assert answer_matches("  The capital of Peru is   Lima!", "The capital of Peru is Lima.")
+    assert answer_matches("Three, four, five.", "three four five")
+    assert not answer_matches("Twelve.", "Seven plus five is twelve.")  # the whole sentence counts
+    assert not answer_matches("Seven plus five is twelve, yes.", "Seven plus five is twelve.")
+    assert not answer_matches("", "Snow is white.")
+
+
+def _llm_result(accuracy: float) -> list[Outcome]:
+    llm = {"fingerprint": "ab" * 32, "steps": 10, "final_loss": 0.5, "params": 1234, "hf_dir": "llm/hf",
+           "metrics": "llm/run/metrics.jsonl",
+           "dims": {"vocab_size": 1024, "hidden_size": 64, "num_layers": 2}}
+    text = {"accuracy": accuracy, "n": 20, "by_category": {"plus": accuracy},
+            "errors": [{"question": "What is one plus one?", "expected": "One plus one is two.", "answer": "Two."}]}
+    return [Outcome("data", "cached", result={"records": {"text_llm": 5}, "manifests": "data/manifests",
+                                              "synthesized": {"user": 3, "assistant": 0}},
+                    seconds=60.0, cpu_seconds=50.0),
+            Outcome("llm", "done", result=llm, seconds=100.0, cpu_seconds=150.0),
+            Outcome("text_eval", "done", result=text, seconds=5.0, cpu_seconds=4.0)]
+
+
+def _status(rows, name):
+    return next(r for r in rows if r["target"].startswith(name))
+
+
+def test_report_renders_with_missing_sections(tmp_path):
+    metrics = tmp_path / "llm" / "run" / "metrics.jsonl"
+    metrics.parent.mkdir(parents=True)
+    metrics.write_text("".join(json.dumps({"step": s, "loss": 5.0 / s}) + "\n" for s in range(10, 110, 10)))
+    run = RunInfo(tmp_path, quick=False, outcomes=_llm_result(0.97),
+                  checks={"llm_fingerprint_now": "ab" * 32},
+                  pending={"asr_eval": "stage 1 is not a toy step yet", "talk": "no talking yet"}, budget_s=1800)
+    paths = write_report(tmp_path / "report", run)
+    md = paths["markdown"].read_text()
+    doc = json.loads(paths["json"].read_text())
+    rows = doc["targets"]
+    assert _status(rows, "frozen LLM text-QA")["status"] == PASS and "97.0 %" in md
+    assert _status(rows, "frozen LLM fingerprint")["status"] == PASS
+    asr = _status(rows, "ASR WER")
+    assert asr["status"] == NOT_RUN and asr["note"] == "stage 1 is not a toy step yet" and asr["measured"] == "-"
+    assert _status(rows, "speech-in -> text-out")["status"] == NOT_RUN
+    runtime = _status(rows, "total run time")
+    assert runtime["status"] == NOT_RUN and "2.8 min so far" in runtime["measured"]
+    assert "Not run: no talking yet." in md and "| One plus one is two. | Two. |" in md
+    assert "Clips synthesized by this step: user 3, assistant 0" in md
+    assert "![losses](plots/losses.png)" in md and (tmp_path / "report" / "plots" / "losses.png").stat().st_size > 1000
+    assert "latency" not in doc["plots"]
+
+
+def test_report_fails_missed_targets_and_names_failed_steps(tmp_path):
+    outcomes = _llm_result(0.9)
+    outcomes[2] = Outcome("text_eval", "failed", error="out of memory")
+    run = RunInfo(tmp_path, quick=False, outcomes=outcomes,
+                  checks={"llm_fingerprint_now": "cd" * 32}, budget_s=1800)
+    rows = evaluate_targets(run)
+    assert _status(rows, "frozen LLM fingerprint")["status"] == FAIL
+    text = _status(rows, "frozen LLM text-QA")
+    assert text["status"] == NOT_RUN and text["note"] == "step text_eval failed: out of memory"
+    assert _status(rows, "total run time")["status"] == PASS  # nothing pending: 165 s <= 30 min
+    outcomes[2] = _llm_result(0.9)[2]
+    assert _status(evaluate_targets(run), "frozen LLM text-QA")["status"] == FAIL  # 90 % < 95 %
+    run.quick = True
+    assert _status(evaluate_targets(run), "frozen LLM text-QA")["status"] == PASS  # quick: >= 25 %
+    run.outcomes, run.checks = [Outcome("llm", "failed", error="diverged")], {}
+    assert _status(evaluate_targets(run), "frozen LLM fingerprint")["note"] == "step llm failed: diverged"
+
+
+def test_report_draws_the_latency_table(tmp_path):
+    outcomes = [Outcome("talk", "done", result={"latency_ms": {"encoder": 40.0, "LLM prefill": 120.0},
+                                                "endpoint_delay_ms": 320.0})]
+    paths = write_report(tmp_path, RunInfo(tmp_path, quick=True, outcomes=outcomes, budget_s=600))
+    md = paths["markdown"].read_text()
+    assert "| LLM prefill | 120 |" in md and "Endpoint delay (after the user stops speaking): 320 ms." in md
+    assert (tmp_path / "plots" / "latency.png").stat().st_size > 1000
