@@ -75,6 +75,7 @@ def time_stage(cfg, steps: int) -> dict:
     example = next(batches)
     return {"compile_s": round(compile_s, 1), "steps_per_s": round(steps / wall, 3),
             "cpu_s_per_step": round(cpu / steps, 3), "loss": float(metrics["loss"]),
+            "metrics": {k: float(v) for k, v in metrics.items()},
             "batch": {k: list(v.shape) for k, v in example.items()}}
 
 
