@@ -25,7 +25,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from codec import matmul_gflops  # noqa: E402
-from training_stages import time_stage  # noqa: E402
+from training_stages import report, time_stage  # noqa: E402
 
 from fo_jax.audio.io import write_wav  # noqa: E402
 from fo_jax.config import load_config  # noqa: E402
@@ -70,11 +70,7 @@ def main() -> None:
             out["encoder"] = {k: cfg.model.encoder[k] for k in ("hidden_size", "num_layers", "ffn_size")}
             results[preset] = out
             print(preset, json.dumps(out), flush=True)
-    results["load_after"] = os.getloadavg()
-    results["matmul_gflops_after"] = round(matmul_gflops(), 1)
-    print(json.dumps(results, indent=1))
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=1))
+    report(results, args.json)
 
 
 if __name__ == "__main__":

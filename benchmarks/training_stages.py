@@ -79,6 +79,15 @@ def time_stage(cfg, steps: int) -> dict:
             "batch": {k: list(v.shape) for k, v in example.items()}}
 
 
+def report(results: dict, json_path: str | None) -> None:
+    """Adds the machine's state after the run to ``results``; prints them (and writes ``json_path``)."""
+    results["load_after"] = os.getloadavg()
+    results["matmul_gflops_after"] = round(matmul_gflops(), 1)
+    print(json.dumps(results, indent=1))
+    if json_path:
+        Path(json_path).write_text(json.dumps(results, indent=1))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--speech_out", required=True, help="manifest of 24 kHz speech with 'text'")
@@ -113,11 +122,7 @@ def main() -> None:
         prefix_cfg = load_config("configs/speech_out_stage3.py:tiny", common + [
             f"stage.manifest={tmp / 'answers.jsonl'}", f"stage.decoder_from={tmp / 'decoder'}"])
         results["speech_prefix"] = time_stage(prefix_cfg, args.steps)
-    results["load_after"] = os.getloadavg()
-    results["matmul_gflops_after"] = round(matmul_gflops(), 1)
-    print(json.dumps(results, indent=1))
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=1))
+    report(results, args.json)
 
 
 if __name__ == "__main__":
