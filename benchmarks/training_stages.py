@@ -75,7 +75,17 @@ def time_stage(cfg, steps: int) -> dict:
     example = next(batches)
     return {"compile_s": round(compile_s, 1), "steps_per_s": round(steps / wall, 3),
             "cpu_s_per_step": round(cpu / steps, 3), "loss": float(metrics["loss"]),
+            "metrics": {k: float(v) for k, v in metrics.items()},
             "batch": {k: list(v.shape) for k, v in example.items()}}
+
+
+def report(results: dict, json_path: str | None) -> None:
+    """Adds the machine's state after the run to ``results``; prints them (and writes ``json_path``)."""
+    results["load_after"] = os.getloadavg()
+    results["matmul_gflops_after"] = round(matmul_gflops(), 1)
+    print(json.dumps(results, indent=1))
+    if json_path:
+        Path(json_path).write_text(json.dumps(results, indent=1))
 
 
 def main() -> None:
@@ -112,11 +122,7 @@ def main() -> None:
         prefix_cfg = load_config("configs/speech_out_stage3.py:tiny", common + [
             f"stage.manifest={tmp / 'answers.jsonl'}", f"stage.decoder_from={tmp / 'decoder'}"])
         results["speech_prefix"] = time_stage(prefix_cfg, args.steps)
-    results["load_after"] = os.getloadavg()
-    results["matmul_gflops_after"] = round(matmul_gflops(), 1)
-    print(json.dumps(results, indent=1))
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=1))
+    report(results, args.json)
 
 
 if __name__ == "__main__":

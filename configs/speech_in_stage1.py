@@ -1,7 +1,8 @@
 """Speech-in stage 1 (stage ``speech_in_ctc``): the speech encoder + CTC head on ASR pairs.
 
 Manifest: ``{"audio": path, "text": transcript}`` per line (``fo-jax prepare`` writes one).
-Variants: ``tiny`` (CPU tests, toy world) and ``freeze_omni`` (the released encoder: 1024 x 24,
+Variants: ``tiny`` (CPU tests, toy world), ``mid`` (a 256 x 6 encoder, about 5 M params: CPU
+throughput benchmarks, small real runs) and ``freeze_omni`` (the released encoder: 1024 x 24,
 lr 2e-4 as in the paper). Required override: ``stage.manifest=PATH``.
 """
 
@@ -11,10 +12,12 @@ from fo_jax.config import load_config
 
 
 def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
-    if variant not in ("tiny", "freeze_omni"):
-        raise ValueError(f"unknown variant {variant!r}; expected tiny or freeze_omni")
-    model = load_config(f"configs/freeze_omni.py:{variant}").model.to_dict()
-    steps = ml_collections.FieldReference(20000 if variant == "freeze_omni" else 300)
+    if variant not in ("tiny", "mid", "freeze_omni"):
+        raise ValueError(f"unknown variant {variant!r}; expected tiny, mid or freeze_omni")
+    model = load_config(f"configs/freeze_omni.py:{'tiny' if variant == 'mid' else variant}").model.to_dict()
+    if variant == "mid":
+        model["encoder"].update(hidden_size=256, num_layers=6, num_heads=4, ffn_size=1024)
+    steps = ml_collections.FieldReference({"tiny": 300, "mid": 5000, "freeze_omni": 20000}[variant])
     cfg = ml_collections.ConfigDict({
         "model": {"encoder": model["encoder"]},
         "stage": {
@@ -24,17 +27,17 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
             # CMVN statistics stay frozen; the rest of the encoder and the CTC head train.
             "trainable": [r"^encoder/(?!cmvn_)", r"^ctc/"],
             "steps": steps,
-            "batch_size": 64 if variant == "freeze_omni" else 8,
-            "buckets": (512, 1024, 2000) if variant == "freeze_omni" else (256, 512),
-            "max_label_len": 256 if variant == "freeze_omni" else 96,
+            "batch_size": {"tiny": 8, "mid": 16, "freeze_omni": 64}[variant],
+            "buckets": (256, 512) if variant == "tiny" else (512, 1024, 2000),
+            "max_label_len": 96 if variant == "tiny" else 256,
             "spec_augment": {"num_freq_masks": 1, "max_freq_width": 10, "num_time_masks": 1, "max_time_width": 20},
             "cmvn_utterances": 1000 if variant == "freeze_omni" else 100,
             "log_every": 10,
-            "save_every": 1000 if variant == "freeze_omni" else 100,
+            "save_every": 100 if variant == "tiny" else 1000,
             "keep": 3,
         },
-        "optimizer": {"lr": 2e-4 if variant == "freeze_omni" else 2e-3, "schedule": "warmuplr",
-                      "warmup_steps": 25000 if variant == "freeze_omni" else 30, "total_steps": steps,
+        "optimizer": {"lr": {"tiny": 2e-3, "mid": 1e-3, "freeze_omni": 2e-4}[variant], "schedule": "warmuplr",
+                      "warmup_steps": {"tiny": 30, "mid": 500, "freeze_omni": 25000}[variant], "total_steps": steps,
                       "b1": 0.9, "b2": 0.98, "eps": 1e-8, "weight_decay": 1e-6, "clip_norm": 5.0},
         "mesh": {"shape": (-1, 1, 1)},
         "seed": 0,

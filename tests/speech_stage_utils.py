@@ -3,6 +3,7 @@ tokenizer, manifests with bad lines, and a stand-in for an earlier run's checkpo
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 from pathlib import Path
@@ -20,6 +21,7 @@ from fo_jax.training.checkpoint import TrainCheckpointer
 from fo_jax.training.freeze import flatten, merge, split_trainable
 from fo_jax.training.speech_common import init_speech_llm
 from fo_jax.training.stages import build_stage
+from fo_jax.training.step import frozen_objective
 
 TRANSCRIPTS = ["what is two plus three", "the sky is blue", "count from one to four", "hello there",
                "paris is in france", "grass is green", "seven minus two", "good morning"]
@@ -92,14 +94,39 @@ def train_run(cfg, workdir: Path) -> tuple[dict, dict, list[dict]]:
     return before, summary, metrics
 
 
-def stage_gradients(cfg) -> tuple[dict, dict]:
-    """(gradients, trainable params) of a stage's loss on its first batch, both as flat
-    {path: array}, with the frozen params under stop_gradient as the train step has them."""
+def stage_gradients(cfg) -> tuple[dict, dict, dict, dict]:
+    """Gradients of a stage's loss on its first batch, all as flat {path: array}: (trainable
+    grads, trainable params, frozen grads, LLM grads without stop_gradient). The first and third
+    come from the train step's own objective (``frozen_objective``) taken with respect to both
+    trees; the last is what the LLM would get if it were not frozen (it must be non-zero for the
+    zero frozen gradients to mean anything)."""
     stage = build_stage(cfg)
     trainable, frozen = split_trainable(stage.load_params(jax.random.key(0)), stage.trainable)
     batch = jax.tree.map(jnp.asarray, next(iter(stage.dataset(0))))
+    rng = jax.random.key(0)
+    objective = lambda t, f: frozen_objective(stage.loss)(t, f, batch, rng)[0]
+    grads, frozen_grads = jax.jit(jax.grad(objective, argnums=(0, 1)))(trainable, frozen)
+    open_grads = jax.jit(jax.grad(lambda f: stage.loss(merge(trainable, f), batch, rng)[0]))(frozen)
+    return flatten(grads), flatten(trainable), flatten(frozen_grads), flatten({"llm": open_grads["llm"]})
 
-    def objective(t):
-        return stage.loss(merge(t, jax.tree.map(jax.lax.stop_gradient, frozen)), batch, jax.random.key(0))[0]
 
-    return flatten(jax.jit(jax.grad(objective))(trainable)), flatten(trainable)
+def moment_paths(opt_state) -> list[str]:
+    """The param path ('/'-joined trailing dict keys) of every array leaf of an optimizer state:
+    Adam's mu and nu name each param they keep moments for (scalar counters are left out)."""
+    paths = []
+    for path, leaf in jax.tree_util.tree_leaves_with_path(opt_state):
+        if np.ndim(leaf) == 0:
+            continue
+        keys = []
+        for key in reversed(path):
+            if not isinstance(key, jax.tree_util.DictKey):
+                break
+            keys.append(str(key.key))
+        paths.append("/".join(reversed(keys)))
+    return paths
+
+
+def assert_moments_only_for(opt_state, trainable: dict) -> None:
+    """The optimizer state holds two moments for each trainable leaf and nothing else."""
+    counts = collections.Counter(moment_paths(opt_state))
+    assert counts == {p: 2 for p in flatten(trainable)}, sorted(set(counts) ^ set(flatten(trainable)))

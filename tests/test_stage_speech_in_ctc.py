@@ -11,8 +11,9 @@ from fo_jax.config import load_config
 from fo_jax.data.manifest import write_manifest
 from fo_jax.training import trainer
 from fo_jax.training.checkpoint import load_trained
-from fo_jax.training.freeze import flatten
+from fo_jax.training.freeze import fingerprint, flatten
 from fo_jax.training.speech_common import cmvn_params
+from tests.speech_stage_utils import assert_moments_only_for
 
 speech = pytest.importorskip("fo_jax.testing.speech")
 pytest.importorskip("espeakng_loader")
@@ -40,7 +41,9 @@ def test_ctc_stage_trains_with_frozen_cmvn(tmp_path, asr_manifest):
     before = trainer.train(cfg, tmp_path / "run0", max_steps=0, progress=False)
     summary = trainer.train(cfg, tmp_path / "run", progress=False)
     assert summary["step"] == 12
-    assert summary["frozen_fingerprint"] == before["frozen_fingerprint"]
+    # The frozen leaves after 12 steps, bitwise the ones the run started from.
+    assert fingerprint(summary["frozen"]) == summary["frozen_fingerprint"] == before["frozen_fingerprint"]
+    assert_moments_only_for(summary["opt_state"], summary["trainable"])  # no moments for CMVN
     assert set(flatten(summary["frozen"])) == {"encoder/cmvn_mean", "encoder/cmvn_istd"}
     mean = np.asarray(summary["frozen"]["encoder"]["cmvn_mean"])
     assert mean.shape == (80,) and np.abs(mean).max() > 1  # estimated from the audio, not identity

@@ -1,8 +1,12 @@
-"""The train step on a mesh: 8 fake CPU devices in one process, and two real processes.
+"""A stage's train step on a mesh: 8 fake CPU devices in one process, and two real processes
+joined by ``jax.distributed.initialize`` (4 fake devices each), against one device.
 
-Both run in subprocesses: XLA_FLAGS must be set before jax is imported.
+The stage is ``speech_in_llm`` (speech-in 2: trainable encoder + adapter feeding the frozen LLM),
+run end to end by ``fo-jax train``: the trainer's mesh, shardings, per-process data and
+checkpoints. Every run is a subprocess: XLA_FLAGS must be set before jax is imported.
 """
 
+import json
 import os
 import socket
 import subprocess
@@ -10,90 +14,106 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
+from fo_jax.training.checkpoint import load_trained
+from tests.speech_stage_utils import speech_world
+
 ROOT = Path(__file__).resolve().parent.parent
 
-# The same tiny stage in every configuration: LM loss, a trainable subset, a fixed global batch.
-COMMON = textwrap.dedent("""
-    import functools, json, sys
-    import flax.linen as nn
-    import jax, jax.numpy as jnp, numpy as np
-    from fo_jax import sharding
-    from fo_jax.models.qwen2 import init_params
-    from fo_jax.training import lm
-    from fo_jax.training.distributed import global_batch, initialize
-    from fo_jax.training.freeze import split_trainable
-    from fo_jax.training.optim import OptimizerConfig, make_optimizer
-    from fo_jax.training.step import make_train_step
-    from tests.conftest import TINY_LLM as cfg
-
-    def loss_fn(params, batch, rng):
-        return lm.next_token_loss(params, cfg, batch["tokens"], batch["mask"]), {}
-
-    rows = np.random.default_rng(0).integers(3, cfg.vocab_size, (8, 16)).astype(np.int32)
-    GLOBAL = {"tokens": rows, "mask": np.ones((8, 16), np.float32)}
-
-    def run(mesh, local_batch):
-        init = functools.partial(init_params, cfg)
-        params, _ = sharding.init_sharded(init, jax.random.key(0), mesh)
-        trainable, frozen = split_trainable(params, [r"^layers_1/", r"^norm/"])
-        optimizer = make_optimizer(OptimizerConfig(lr=1e-2, schedule="constant", warmup_steps=1))
-        opt_state = optimizer.init(trainable)
-        step = make_train_step(loss_fn, optimizer)
-        batch = global_batch(local_batch, mesh)
-        losses = []
-        for i in range(3):
-            trainable, opt_state, metrics = step(trainable, opt_state, frozen, batch, jax.random.key(i))
-            losses.append(float(metrics["loss"]))
-        return losses
+# Trains (workdir, overrides, max_steps) runs given as JSON; reports the losses, the step's
+# compilations (one: the second step must reuse the first's program) and the process layout.
+TRAIN = textwrap.dedent("""
+    import json, sys
+    from fo_jax.runtime import CompileCounter, enable_compilation_cache
+    enable_compilation_cache()
+    counter = CompileCounter()
+    import jax
+    from fo_jax.config import load_config
+    from fo_jax.training import trainer
+    for workdir, overrides, max_steps in json.loads(sys.argv[1]):
+        before = counter.count
+        cfg = load_config("configs/speech_in_stage2.py:tiny", overrides)
+        trainer.train(cfg, workdir, max_steps=max_steps, progress=False)
+        steps = [n for n in counter.names_since(before) if n == "jit(step)"]
+        losses = ([json.loads(l)["loss"] for l in open(workdir + "/metrics.jsonl")]
+                  if jax.process_index() == 0 else None)
+        print("REPORT", json.dumps({"losses": losses, "step_compiles": len(steps), "processes": jax.process_count(),
+                                    "devices": jax.device_count()}))
 """)
 
-SINGLE = COMMON + textwrap.dedent("""
-    n = int(sys.argv[1])
-    mesh = sharding.make_mesh((2, 2, 2) if n == 8 else (1, 1, 1), jax.devices()[:n])
-    print("LOSSES", json.dumps(run(mesh, GLOBAL)))
-""")
-
-MULTI = COMMON + textwrap.dedent("""
-    pid = int(sys.argv[1])
-    assert initialize(sys.argv[2], 2, pid)
-    assert jax.device_count() == 8 and jax.local_device_count() == 4
-    mesh = sharding.make_mesh((2, 2, 2))
-    local = {k: v[pid * 4:(pid + 1) * 4] for k, v in GLOBAL.items()}  # this process's rows
-    print("LOSSES", json.dumps(run(mesh, local)))
-""")
+# Dropout and SpecAugment draw per row: two processes' rows are the global batch's in another
+# order (each process plans its own half-batches), so the cross-process comparison runs without them.
+DETERMINISTIC = ["model.encoder.dropout=0.0", "model.encoder.positional_dropout=0.0", "stage.spec_augment={}"]
 
 
-def _env(devices):
-    return dict(os.environ, PYTHONPATH=str(ROOT), XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("world")
+    speech_world(root)  # 8 usable utterances in one bucket: every global batch holds all of them
+    return root
 
 
-def _losses(stdout):
-    import json
+def _overrides(world, *extra):
+    return [f"stage.tokenizer={world / 'tok'}", f"stage.manifest={world / 'asr.jsonl'}", "model.llm.num_layers=1",
+            "model.encoder.num_layers=1", "stage.steps=3", "stage.log_every=1", "stage.buckets=(256,)",
+            "stage.batch_size=8", "optimizer.schedule=constant", "optimizer.warmup_steps=1", "optimizer.lr=0.003",
+            *extra]
 
-    return json.loads([l for l in stdout.splitlines() if l.startswith("LOSSES")][-1].split(" ", 1)[1])
+
+def _env(devices, **extra):
+    return dict(os.environ, PYTHONPATH=str(ROOT), XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+                **extra)
 
 
-def _single(devices):
-    r = subprocess.run([sys.executable, "-c", SINGLE, str(devices)], cwd=ROOT, env=_env(8), capture_output=True,
-                       text=True, timeout=600)
+def _reports(stdout):
+    return [json.loads(l.split(" ", 1)[1]) for l in stdout.splitlines() if l.startswith("REPORT")]
+
+
+def _train(runs, devices):
+    r = subprocess.run([sys.executable, "-c", TRAIN, json.dumps(runs)], cwd=ROOT, env=_env(devices),
+                       capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    return _losses(r.stdout)
+    return _reports(r.stdout)
 
 
-def test_train_step_on_8_devices_matches_1_device_and_2_processes():
-    one, eight = _single(1), _single(8)
-    assert max(abs(a - b) for a, b in zip(one, eight)) <= 1e-5, (one, eight)
-    assert one[-1] < one[0]
+def _close(a, b):
+    assert len(a) == len(b) == 3 and max(abs(x - y) for x, y in zip(a, b)) <= 1e-5, (a, b)
 
+
+def test_speech_in_llm_step_on_8_devices_matches_1_device(world, tmp_path):
+    # Mesh data x fsdp x tensor = 2 x 2 x 2, dropout and SpecAugment on: the RNG draws the same
+    # numbers whatever the sharding, and the second step reuses the first's program.
+    [one] = _train([[str(tmp_path / "one"), _overrides(world), None]], 1)
+    [eight] = _train([[str(tmp_path / "eight"), _overrides(world, "mesh.shape=(2, 2, 2)"), None]], 8)
+    assert one["devices"] == 1 and eight["devices"] == 8 and eight["step_compiles"] == 1
+    _close(eight["losses"], one["losses"])
+    assert one["losses"][-1] < one["losses"][0]
+
+
+def test_speech_in_llm_step_in_2_processes_matches_1_device(world, tmp_path):
+    """Two processes x 4 devices joined by jax.distributed.initialize (the FO_JAX_* settings the
+    launchers use), one global mesh; each process loads its own half of every batch. Two steps,
+    then a resume from their checkpoint (written by both processes) for the third."""
+    [one] = _train([[str(tmp_path / "one"), _overrides(world, *DETERMINISTIC), None]], 1)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    procs = [subprocess.Popen([sys.executable, "-c", MULTI, str(pid), f"127.0.0.1:{port}"], cwd=ROOT,
-                              env=_env(4), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    multi = [str(tmp_path / "multi"), _overrides(world, "mesh.shape=(2, 2, 2)", *DETERMINISTIC)]
+    runs = json.dumps([multi + [2], multi + [None]])
+    procs = [subprocess.Popen([sys.executable, "-c", TRAIN, runs], cwd=ROOT, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True,
+                              env=_env(4, FO_JAX_COORDINATOR=f"127.0.0.1:{port}", FO_JAX_NUM_PROCESSES="2",
+                                       FO_JAX_PROCESS_ID=str(pid)))
              for pid in range(2)]
     outs = [p.communicate(timeout=600) for p in procs]
-    for p, (out, err) in zip(procs, outs):
+    for p, (_, err) in zip(procs, outs):
         assert p.returncode == 0, err[-3000:]
-    for out, _ in outs:
-        multi = _losses(out)
-        assert max(abs(a - b) for a, b in zip(one, multi)) <= 1e-5, (one, multi)
+    first, second = (_reports(out)[-1] for out, _ in outs)
+    assert first["processes"] == second["processes"] == 2 and first["devices"] == 8
+    assert first["step_compiles"] == second["step_compiles"] == 1
+    assert second["losses"] is None  # process 0 alone logs into the shared work directory
+    _close(first["losses"], one["losses"])
+    # The final checkpoint loads on this one-device process (as the next stage's start does).
+    trained, meta = load_trained(tmp_path / "multi")
+    assert meta["step"] == 3 and set(trained) == {"encoder", "adapter", "task_embeddings"}

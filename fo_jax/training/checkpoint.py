@@ -41,7 +41,8 @@ class TrainCheckpointer:
     def save(self, step: int, trainable: Any, opt_state: Any, rng: jax.Array, data_state: Any,
              meta: dict, force: bool = False) -> bool:
         """Saves when the policy says so (every ``save_every`` steps) or ``force``; returns whether it did."""
-        state = {"step": np.asarray(step, np.int64), "rng": jax.random.key_data(rng)}
+        # Host numpy, not the key's single-device array: orbax refuses those in a multi-process run.
+        state = {"step": np.asarray(step, np.int64), "rng": np.asarray(jax.random.key_data(rng))}
         return self.manager.save(step, args=ocp.args.Composite(
             trainable=ocp.args.StandardSave(trainable), opt_state=ocp.args.StandardSave(opt_state),
             state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
@@ -56,7 +57,7 @@ class TrainCheckpointer:
         if step is None:
             raise LoadError(f"{self.directory}: no checkpoint to restore")
         abstract = lambda tree: jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
-        rng_like = jax.random.key_data(jax.random.key(0))
+        rng_like = np.asarray(jax.random.key_data(jax.random.key(0)))
         out = self.manager.restore(step, args=ocp.args.Composite(
             trainable=ocp.args.StandardRestore(abstract(trainable_like)),
             opt_state=ocp.args.StandardRestore(abstract(opt_state_like)),
@@ -84,12 +85,19 @@ def load_trained(workdir: str | os.PathLike, step: int | None = None) -> tuple[d
     if not directory.is_dir():
         raise LoadError(f"{workdir}: no training run here (no checkpoints/ folder)")
     manager = ocp.CheckpointManager(directory, item_names=("trainable", "meta"),
+                                    item_handlers={"trainable": ocp.StandardCheckpointHandler(),
+                                                   "meta": ocp.JsonCheckpointHandler()},
                                     options=ocp.CheckpointManagerOptions(create=False, read_only=True))
     try:
         step = manager.latest_step() if step is None else step
         if step is None:
             raise LoadError(f"{directory}: no complete checkpoint")
-        out = manager.restore(step, args=ocp.args.Composite(trainable=ocp.args.StandardRestore(),
+        # Whole arrays on this process's first device, whatever mesh (and processes) saved them:
+        # orbax would otherwise insist on the saving run's devices.
+        here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        like = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=here),
+                            manager.item_metadata(step)["trainable"])
+        out = manager.restore(step, args=ocp.args.Composite(trainable=ocp.args.StandardRestore(like),
                                                             meta=ocp.args.JsonRestore()))
     finally:
         manager.close()

@@ -33,6 +33,8 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
         process_id = int(os.environ["FO_JAX_PROCESS_ID"])
     if coordinator_address is None and os.environ.get("FO_JAX_DISTRIBUTED") != "auto":
         return False
+    if jax.distributed.is_initialized():  # a second run in the same job (e.g. train, then resume)
+        return jax.process_count() > 1
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address, num_processes, process_id)
     return jax.process_count() > 1

@@ -40,6 +40,18 @@ class StageStep:
     step: Callable[..., tuple[dict, Any, dict]]
 
 
+def frozen_objective(loss_fn: LossFn, mesh: Mesh | None = None) -> Callable[..., tuple[jax.Array, dict]]:
+    """``(trainable, frozen, batch, rng) -> (loss, metrics)``: what the step differentiates with
+    respect to ``trainable``. The frozen tree enters under ``stop_gradient``, so even a gradient
+    taken with respect to it is zero; with a ``mesh``, traced under its activation rules."""
+
+    def objective(trainable, frozen, batch, rng):
+        with contextlib.nullcontext() if mesh is None else sharding.activation_rules(mesh):
+            return loss_fn(merge(trainable, jax.tree.map(jax.lax.stop_gradient, frozen)), batch, rng)
+
+    return objective
+
+
 def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation,
                     in_shardings: Any = None, out_shardings: Any = None, mesh: Mesh | None = None):
     """Returns jitted ``step(trainable, opt_state, frozen, batch, rng) -> (trainable, opt_state, metrics)``.
@@ -51,12 +63,10 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation,
     Shardings, when given, are passed to ``jax.jit`` for the five inputs / three outputs.
     """
 
-    def step(trainable, opt_state, frozen, batch, rng):
-        def objective(t):
-            with contextlib.nullcontext() if mesh is None else sharding.activation_rules(mesh):
-                return loss_fn(merge(t, jax.tree.map(jax.lax.stop_gradient, frozen)), batch, rng)
+    objective = frozen_objective(loss_fn, mesh)
 
-        (loss, metrics), grads = jax.value_and_grad(objective, has_aux=True)(trainable)
+    def step(trainable, opt_state, frozen, batch, rng):
+        (loss, metrics), grads = jax.value_and_grad(objective, has_aux=True)(trainable, frozen, batch, rng)
         updates, opt_state = optimizer.update(grads, opt_state, trainable)
         trainable = optax.apply_updates(trainable, updates)
         return trainable, opt_state, dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads))

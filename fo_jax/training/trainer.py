@@ -10,11 +10,12 @@ TensorBoard scalars go to ``workdir/tensorboard``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import signal
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
@@ -48,8 +49,8 @@ class _Preemption:
         signal.signal(signal.SIGTERM, self._previous)
 
 
-def _init_optimizer(init, trainable, mesh):
-    """Jitted ``init`` and its output shardings. A state leaf that mirrors a param (its path ends
+def _optimizer_shardings(init, trainable, mesh):
+    """Shardings of ``init(trainable)``'s output. A state leaf that mirrors a param (its path ends
     with the param's path, same shape: Adam's moments, however the state nests) is sharded like
     it, the rest (step counters) replicated. (Left to itself, XLA replicates the zeros that init
     creates: the whole optimizer state on every device.)"""
@@ -63,8 +64,7 @@ def _init_optimizer(init, trainable, mesh):
                 return param.sharding
         return replicated
 
-    shardings = jax.tree_util.tree_map_with_path(sharding_of, jax.eval_shape(init, trainable))
-    return jax.jit(init, out_shardings=shardings), shardings
+    return jax.tree_util.tree_map_with_path(sharding_of, jax.eval_shape(init, trainable))
 
 
 def stage_step(stage: Any, optimizer_cfg: OptimizerConfig, mesh: Mesh | None = None) -> StageStep:
@@ -76,14 +76,47 @@ def stage_step(stage: Any, optimizer_cfg: OptimizerConfig, mesh: Mesh | None = N
     return StageStep(optimizer.init, make_train_step(stage.loss, optimizer, mesh=mesh))
 
 
-def _setup(cfg: ml_collections.ConfigDict):
+@dataclasses.dataclass
+class Setup:
+    """A run before any weights load: its mesh, stage, RNG and where its state lives.
+
+    ``trainable`` / ``frozen``: the params as ``jax.ShapeDtypeStruct``s with their shardings.
+    ``opt_init``: jitted ``trainable -> opt_state``, the state sharded like the params it mirrors.
+    ``step``: the stage's jitted step with its new trainable tree and optimizer state placed exactly
+    as they came in (left to XLA, the outputs' shardings may differ from the inputs', and the
+    second step would compile the whole program again for them).
+    """
+
+    mesh: Mesh
+    stage: Any
+    rng: jax.Array
+    shardings: Any
+    trainable: Any
+    frozen: Any
+    opt_state: Any
+    opt_init: Callable[[Any], Any]
+    step: Callable[..., tuple[Any, Any, dict]]
+
+
+def setup(cfg: ml_collections.ConfigDict) -> Setup:
+    """Joins the other processes (if any), builds the mesh and the stage, and jits its updates."""
     distributed.initialize()
     mesh = sharding.make_mesh(tuple(cfg.get("mesh", {}).get("shape", (-1, 1, 1))))
     stage = build_stage(cfg)
     rng = jax.random.key(cfg.get("seed", 0))
-    shardings = sharding.param_shardings(jax.eval_shape(stage.init_boxed, rng), mesh)
+    boxed = jax.eval_shape(stage.init_boxed, rng)
+    shardings = sharding.param_shardings(boxed, mesh)
+    abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), nn.unbox(boxed),
+                            shardings)
+    trainable, frozen = split_trainable(abstract, stage.trainable)
     update = stage_step(stage, OptimizerConfig.from_dict(cfg.optimizer.to_dict()), mesh)
-    return mesh, stage, rng, shardings, update.init, update.step
+    opt_shardings = _optimizer_shardings(update.init, trainable, mesh)
+    opt_state = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                             jax.eval_shape(update.init, trainable), opt_shardings)
+    placed = lambda tree: jax.tree.map(lambda x: x.sharding, tree)
+    step = jax.jit(update.step, donate_argnums=(0, 1), out_shardings=(placed(trainable), opt_shardings, None))
+    return Setup(mesh, stage, rng, shardings, trainable, frozen, opt_state,
+                 jax.jit(update.init, out_shardings=opt_shardings), step)
 
 
 def train(cfg: ml_collections.ConfigDict, workdir: str, max_steps: int | None = None,
@@ -91,11 +124,12 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, max_steps: int | None = 
     """Trains ``cfg.stage.steps`` steps in total (or stops after ``max_steps`` more). Returns a summary."""
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    mesh, stage, rng, shardings, opt_init, step_fn = _setup(cfg)
-    params = jax.device_put(stage.load_params(rng), shardings)
+    run = setup(cfg)
+    mesh, stage, rng, step_fn = run.mesh, run.stage, run.rng, run.step
+    params = jax.device_put(stage.load_params(rng), run.shardings)
     trainable, frozen = split_trainable(params, stage.trainable)
     frozen_print = fingerprint(frozen)
-    opt_state = _init_optimizer(opt_init, trainable, mesh)[0](trainable)
+    opt_state = run.opt_init(trainable)
     data = stage.dataset(cfg.get("seed", 0))
     iterator = iter(data)
     checkpointer = TrainCheckpointer(workdir, save_every=cfg.stage.get("save_every", 1000),
@@ -112,12 +146,14 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, max_steps: int | None = 
     total = cfg.stage.steps if max_steps is None else min(cfg.stage.steps, start + max_steps)
     log_every = cfg.stage.get("log_every", 10)
     preemption = _Preemption()
-    metrics_file = open(workdir / "metrics.jsonl", "a")
-    board = SummaryWriter(str(workdir / "tensorboard")) if jax.process_index() == 0 else None
+    # Process 0 alone writes logs: on a pod every worker shares the work directory.
+    primary = jax.process_index() == 0
+    metrics_file = open(workdir / "metrics.jsonl", "a") if primary else None
+    board = SummaryWriter(str(workdir / "tensorboard")) if primary else None
     step, last, tic = start, {}, time.time()
     try:
         with tqdm(total=cfg.stage.steps, initial=start, desc=cfg.stage.name, unit="step",
-                  disable=not progress or jax.process_index() != 0) as bar:
+                  disable=not progress or not primary) as bar:
             while step < total and not preemption.requested:
                 batch = distributed.global_batch(next(iterator), mesh)
                 trainable, opt_state, metrics = step_fn(trainable, opt_state, frozen, batch,
@@ -129,17 +165,17 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, max_steps: int | None = 
                     rate = log_every / max(time.time() - tic, 1e-9)
                     tic = time.time()
                     bar.set_postfix(loss=f"{last['loss']:.4f}", steps_per_s=f"{rate:.1f}")
-                    metrics_file.write(json.dumps({"step": step, **last}) + "\n")
-                    metrics_file.flush()
-                    if board is not None:
+                    if primary:
+                        metrics_file.write(json.dumps({"step": step, **last}) + "\n")
+                        metrics_file.flush()
                         for name, value in last.items():
                             board.add_scalar(f"train/{name}", value, step)
                         board.add_scalar("train/steps_per_second", rate, step)
                 checkpointer.save(step, trainable, opt_state, rng, iterator.get_state(), meta,
                                   force=step == total or preemption.requested)
     finally:
-        metrics_file.close()
-        if board is not None:
+        if primary:
+            metrics_file.close()
             board.close()
         checkpointer.close()
         preemption.restore()
@@ -154,20 +190,14 @@ def compile_only(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
     Returns per-device bytes: params (trainable + frozen), optimizer state, batch, and XLA's
     temporary memory, from the compiled executable's memory analysis.
     """
-    mesh, stage, rng, shardings, opt_init, step_fn = _setup(cfg)
-    abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                            jax.eval_shape(lambda r: nn.unbox(stage.init_boxed(r)), rng),
-                            shardings)
-    trainable, frozen = split_trainable(abstract, stage.trainable)
-    opt_state = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                             jax.eval_shape(opt_init, trainable),
-                             _init_optimizer(opt_init, trainable, mesh)[1])
+    run = setup(cfg)
+    mesh, stage, trainable, frozen, opt_state = run.mesh, run.stage, run.trainable, run.frozen, run.opt_state
     # Stages that can describe their batches abstractly need no data (nor weights) to be checked.
     example = stage.example_batch() if hasattr(stage, "example_batch") else next(iter(stage.dataset(0)))
     batch = {k: jax.ShapeDtypeStruct((v.shape[0] * jax.process_count(),) + v.shape[1:], v.dtype,
                                      sharding=NamedSharding(mesh, distributed.batch_spec(v.ndim)))
              for k, v in example.items()}
-    compiled = step_fn.lower(trainable, opt_state, frozen, batch, rng).compile()
+    compiled = run.step.lower(trainable, opt_state, frozen, batch, run.rng).compile()
     analysis = compiled.memory_analysis()
 
     def per_device(tree):
