@@ -55,6 +55,7 @@ sys.path.insert(0, ROOT)
 from fo_jax.config import load_config, model_config  # noqa: E402
 from fo_jax.conversion.official_decoder import convert_state_dict  # noqa: E402
 from fo_jax.inference import speech_decoder as inf  # noqa: E402
+from fo_jax.layers.linear import project  # noqa: E402
 from fo_jax.models.speech_decoder import init_params  # noqa: E402
 
 RELEASE_ARGS = dict(idim=896, odim=1024, encoder_pre_norm_type="ln", encoder_drop_rate=0.1,
@@ -131,18 +132,18 @@ class TorchRunner:
 
 def weight_floor(params, cfg):
     """A jitted pass that reads each weight an AR step reads once (matvecs only): the memory floor."""
-    mats = [params["out_fnn"]["kernel"]]
+    mats = [params["out_fnn"]["kernel"]]  # every kernel as (out, in), the layout they are stored in
     for i in range(cfg.num_layers):
         layer = params[f"layers_{i}"]
-        mats += [layer["self_attn"][n]["kernel"].reshape(cfg.hidden_size, -1)
+        mats += [layer["self_attn"][n]["kernel"].reshape(-1, cfg.hidden_size)
                  for n in ("q_proj", "k_proj", "v_proj")]
-        mats += [layer["self_attn"]["o_proj"]["kernel"].reshape(-1, cfg.hidden_size)]
+        mats += [layer["self_attn"]["o_proj"]["kernel"].reshape(cfg.hidden_size, -1)]
         mats += [layer["mlp"][n]["kernel"] for n in ("gate_proj", "up_proj", "down_proj")]
     x = jnp.ones((1, cfg.intermediate_size), mats[0].dtype)
 
     @jax.jit
     def run(x, mats):
-        return sum(jnp.sum(x[:, : m.shape[0]] @ m, dtype=jnp.float32) for m in mats)
+        return sum(jnp.sum(project(x[:, : m.shape[1]], m, 1, m.dtype, jnp.float32)) for m in mats)
 
     run(x, mats).block_until_ready()
     return lambda: run(x, mats).block_until_ready()

@@ -172,8 +172,9 @@ for r in [header] + rows:
     print("  ".join(c.ljust(w) for c, w in zip(r, widths)))
 
 # %% [markdown]
-# A picture of one 2-D param: the MLP gate projection `(embed, mlp)` is split by rows over
-# `fsdp` and by columns over `tensor`, so each of the 4 devices holds one quarter.
+# A picture of one 2-D param: the MLP gate projection, stored `(mlp, embed)` like a torch Linear
+# weight, is split by rows over `tensor` and by columns over `fsdp`, so each of the 4 devices
+# holds one quarter.
 
 # %%
 # use_color=False: with matplotlib installed, jax colours the blocks and drops the grid lines.

@@ -43,7 +43,7 @@ def test_param_tree_and_shapes():
     d = TINY.llm.hidden_size
     assert params["prompt_embeddings"]["embedding"].shape == (TINY.adapter.prompt_num, d)
     assert params["task_embeddings"]["embedding"].shape == (TINY.adapter.task_num, d)
-    assert params["state_head"]["kernel"].shape == (d, TINY.adapter.num_states)
+    assert params["state_head"]["kernel"].shape == (TINY.adapter.num_states, d)  # torch layout
 
 
 def test_training_forward_assembles_text_prompts_tasks_and_audio():
@@ -72,7 +72,7 @@ def test_training_forward_assembles_text_prompts_tasks_and_audio():
     for b, n in enumerate([12, 9]):
         np.testing.assert_allclose(out["hidden"][b, :n], hidden[b, :n], atol=1e-5)
     w, bias = params["state_head"]["kernel"], params["state_head"]["bias"]
-    np.testing.assert_allclose(out["state_logits"], out["hidden"] @ w + bias, atol=1e-5)
+    np.testing.assert_allclose(out["state_logits"], out["hidden"] @ w.T + bias, atol=1e-5)
     assert out["logits"].shape == (2, 12, cfg.llm.vocab_size)
     assert "logits" not in model.apply({"params": params}, jnp.asarray(tokens), jnp.asarray(source),
                                        jnp.asarray(index), lengths, audio, with_logits=False)

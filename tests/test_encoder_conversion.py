@@ -185,7 +185,7 @@ def test_ctc_and_llm_parts():
     rng = np.random.default_rng(0)
     hf = {"llm_decoder." + k: rng.normal(size=s).astype(np.float32) for k, s in expected_shapes(llm).items()}
     params, rest = convert_llm(dict(hf, **state), llm)
-    assert params["layers_0"]["self_attn"]["q_proj"]["kernel"].shape == (8, 2, 4)
+    assert params["layers_0"]["self_attn"]["q_proj"]["kernel"].shape == (2, 4, 8)
     np.testing.assert_array_equal(params["embed_tokens"]["embedding"], hf["llm_decoder.model.embed_tokens.weight"])
     assert not any(k.startswith("llm_decoder.") for k in rest) and "ctc.ctc_lo.bias" in rest
     assert convert_llm(state, llm)[0] is None

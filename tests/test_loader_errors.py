@@ -33,7 +33,7 @@ def _error(path) -> str:
 
 def test_round_trip_loads(model_dir):
     cfg, params = load_hf_qwen2(model_dir)
-    assert cfg.num_layers == 2 and params["layers_1"]["self_attn"]["k_proj"]["kernel"].shape == (64, 2, 16)
+    assert cfg.num_layers == 2 and params["layers_1"]["self_attn"]["k_proj"]["kernel"].shape == (2, 16, 64)
 
 
 def test_missing_directory(tmp_path):

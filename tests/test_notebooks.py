@@ -66,8 +66,8 @@ def _check_qwen2_llm(text: str) -> None:
     assert "tensor" in table["embed_tokens/embedding"]
     assert "('vocab', 'embed')" in table["embed_tokens/embedding"]
     assert "P('tensor', 'fsdp')" in table["embed_tokens/embedding"]
-    assert "P('fsdp', 'tensor')" in table["layers_0/mlp/gate_proj/kernel"]
-    assert "(32, 64)" in table["layers_0/mlp/gate_proj/kernel"]  # per-device shard of (64, 128)
+    assert "P('tensor', 'fsdp')" in table["layers_0/mlp/gate_proj/kernel"]  # (mlp, embed)
+    assert "(64, 32)" in table["layers_0/mlp/gate_proj/kernel"]  # per-device shard of (128, 64)
     assert "P(None,)" in table["norm/scale"]
     assert "┌" in text  # jax.debug.visualize_array_sharding rendered a grid
 

@@ -18,7 +18,7 @@ SCAN = dataclasses.replace(TINY_LLM, scan_layers=True, remat=True)
 def test_scanned_layers_equal_the_per_layer_model():
     params = nn.unbox(init_params(TINY_LLM, jax.random.key(0)))
     stacked = stack_layers(params, TINY_LLM.num_layers)
-    assert stacked["layers"]["block"]["mlp"]["up_proj"]["kernel"].shape == (2, 64, 128)
+    assert stacked["layers"]["block"]["mlp"]["up_proj"]["kernel"].shape == (2, 128, 64)
     jax.tree.map(np.testing.assert_array_equal, unstack_layers(stacked), params)
     x = jax.random.normal(jax.random.key(1), (2, 7, TINY_LLM.hidden_size))
     lengths = jnp.array([7, 5])
@@ -36,7 +36,7 @@ def test_scanned_layers_equal_the_per_layer_model():
 def test_scanned_init_has_a_leading_layer_axis_and_no_cache():
     boxed = jax.eval_shape(lambda r: init_params(SCAN, r), jax.random.key(0))
     kernel = boxed["layers"]["block"]["self_attn"]["q_proj"]["kernel"]
-    assert kernel.value.shape == (2, 64, 4, 16) and kernel.names == ("layers", "embed", "heads", "head_dim")
+    assert kernel.value.shape == (2, 4, 16, 64) and kernel.names == ("layers", "heads", "head_dim", "embed")
     params = nn.unbox(init_params(SCAN, jax.random.key(0)))
     with pytest.raises(ValueError, match="training layout"):
         Qwen2(SCAN).apply({"params": params}, jnp.zeros((1, 1, 64)), None, init_cache(SCAN, 1, 8))

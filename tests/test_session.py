@@ -100,14 +100,14 @@ def test_two_turns_equal_a_from_scratch_forward_and_end_token_is_not_fed(params,
     p = params
     turn1, turn2 = _chunks(3, 1), _chunks(2, 2)
     # Greedy run to see the answer, then make the 3rd answer token come out as <|im_end|> instead:
-    # its lm_head column becomes a slightly scaled copy of that token's column.
+    # its lm_head row (torch layout (V, D)) becomes a slightly scaled copy of that token's row.
     sess = S.new_session(system, cfg=TINY, batch=1, max_len=MAX_LEN)
     sess, _ = _listen(p, sess, turn1)
     sess, spoken = _speak(p, S.apply_event(sess, Event.END_OF_INPUT), 6)
     answer = [int(t[0]) for t, _ in spoken]
     k = next(i for i in range(2, 6) if answer[i] not in answer[:i] and answer[i] != TEMPLATE.end_id)
     head = p["llm"]["lm_head"]["kernel"]
-    p = dict(p, llm=dict(p["llm"], lm_head={"kernel": head.at[:, TEMPLATE.end_id].set(head[:, answer[k]] * 1.001)}))
+    p = dict(p, llm=dict(p["llm"], lm_head={"kernel": head.at[TEMPLATE.end_id].set(head[answer[k]] * 1.001)}))
 
     sess = S.new_session(system, cfg=TINY, batch=1, max_len=MAX_LEN)
     assert int(sess.state[0]) == State.SL and int(sess.cache.lengths[0]) == len(TEMPLATE.system_ids)

@@ -27,8 +27,8 @@ SCRIPT = textwrap.dedent("""
     init = functools.partial(init_params, cfg)
     params, shardings = sharding.init_sharded(init, jax.random.key(0), mesh)
     q = params["layers_0"]["self_attn"]["q_proj"]["kernel"]
-    assert q.sharding.spec == P("fsdp", "tensor", None), q.sharding.spec
-    assert len(q.addressable_shards) == 8 and q.addressable_shards[0].data.shape == (32, 2, 16)
+    assert q.sharding.spec == P("tensor", None, "fsdp"), q.sharding.spec  # (heads, head_dim, embed)
+    assert len(q.addressable_shards) == 8 and q.addressable_shards[0].data.shape == (2, 16, 32)
     assert params["embed_tokens"]["embedding"].sharding.spec == P("tensor", "fsdp")
 
     tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (4, 16)).astype(np.int32)
@@ -43,7 +43,7 @@ SCRIPT = textwrap.dedent("""
 
     # Host params placed on the mesh by their logical names (the HF-loading path) agree too.
     placed = sharding.shard_params(host, jax.eval_shape(init, jax.random.key(0)), mesh)
-    assert placed["layers_1"]["mlp"]["down_proj"]["kernel"].sharding.spec == P("tensor", "fsdp")
+    assert placed["layers_1"]["mlp"]["down_proj"]["kernel"].sharding.spec == P("fsdp", "tensor")  # (embed, mlp)
     diff2 = float(jnp.abs(jax.device_get(fwd(placed, tokens, lengths)) - jax.device_get(single)).max())
     assert diff2 <= 1e-5, diff2
 

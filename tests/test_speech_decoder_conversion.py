@@ -102,15 +102,15 @@ def test_pt_checkpoint_loads_with_every_key_mapped(tmp_path):
     assert len(leaves) == len(sd) and all(a.dtype == np.float32 for a in leaves)
     ours = jax.eval_shape(lambda r: nn.unbox(init_params(cfg, r)), jax.random.key(0))
     assert jax.tree.map(lambda a: a.shape, params) == jax.tree.map(lambda a: a.shape, ours)
-    # Spot-check the layouts: torch Linear (out, in) -> (in, heads, head_dim) and (in, out).
+    # Spot-check the layouts: torch Linear (out, in) keeps its layout, heads split out of the flat axis.
     q = sd["layers.1.self_attn.q_proj.weight"]
-    np.testing.assert_array_equal(params["layers_1"]["self_attn"]["q_proj"]["kernel"], q.T.reshape(32, 4, 8))
+    np.testing.assert_array_equal(params["layers_1"]["self_attn"]["q_proj"]["kernel"], q.reshape(4, 8, 32))
     o = sd["layers_pre_nn.0.self_attn.o_proj.weight"]
     np.testing.assert_array_equal(params["layers_pre_nn_0"]["self_attn"]["o_proj"]["kernel"],
-                                  o.T.reshape(4, 8, 32))
-    np.testing.assert_array_equal(params["out_fnn"]["kernel"], sd["out_fnn.weight"].T)
+                                  o.reshape(32, 4, 8))
+    np.testing.assert_array_equal(params["out_fnn"]["kernel"], sd["out_fnn.weight"])
     up = torch.tensor(sd["layers_prefix.0.mlp.up_proj.weight"]).to(torch.bfloat16).float().numpy()
-    np.testing.assert_array_equal(params["layers_prefix_0"]["mlp"]["up_proj"]["kernel"], up.T)
+    np.testing.assert_array_equal(params["layers_prefix_0"]["mlp"]["up_proj"]["kernel"], up)
     # bfloat16 params on request.
     _, bf16 = load_official_decoder(tmp_path, llm_hidden_size=64, dtype="bfloat16")
     assert {a.dtype for a in jax.tree.leaves(bf16)} == {np.dtype(jnp.bfloat16)}

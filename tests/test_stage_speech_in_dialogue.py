@@ -164,7 +164,8 @@ def test_loss_decreases_on_a_fixed_batch(run):
     first, last = losses[0], losses[-3:]
     assert min(l["state_loss"] for l in last) < 0.6 * first["state_loss"]
     assert max(l["lm_loss"] for l in last) < first["lm_loss"] - 0.01  # prompts steer the frozen LLM
-    assert min(l["loss"] for l in last) < 0.92 * first["loss"]
+    # The total falls by what the state term must lose (the LM term moves little: the LLM is frozen).
+    assert min(l["loss"] for l in last) < first["loss"] - 0.4 * first["state_loss"]
 
 
 def test_bad_dialogues_are_reported_and_skipped(run):
@@ -183,7 +184,7 @@ def test_gradients_reach_prompts_and_state_head_through_the_frozen_llm(run):
     # Every prompt gets a gradient: it reaches them only through the LLM's attention.
     assert np.abs(grads["prompt_embeddings/embedding"]).sum(-1).min() > 0
     kernel = np.asarray(grads["state_head/kernel"])
-    assert np.abs(kernel[:, :3]).sum() > 0 and not kernel[:, 3].any()  # the 4th class is never read
+    assert np.abs(kernel[:3]).sum() > 0 and not kernel[3].any()  # the 4th class (row) is never read
     opt_state = make_optimizer(OptimizerConfig()).init(unflatten(trainable))
     assert len([x for x in jax.tree.leaves(opt_state) if np.ndim(x) > 0]) == 2 * len(trainable)
 

@@ -1,6 +1,6 @@
 """HF Qwen2 directory (config.json + safetensors) <-> our ``Qwen2`` param tree.
 
-The mapping is one table of (HF name, our path, layout); layouts are transposes/reshapes only.
+The mapping is one table of (HF name, our path, layout); layouts are reshapes only.
 Errors name the file and the key in one line.
 """
 
@@ -17,24 +17,24 @@ from fo_jax.conversion.safetensors_io import read_checkpoint_dir, write_checkpoi
 from fo_jax.errors import ConfigError, LoadError
 from fo_jax.models.configs import LLMConfig, to_dtype
 
-# Layouts: HF torch Linear weights are (out, in); ours are (in, ...out) as in flax.
+# Layouts: HF torch Linear weights are (out, in) and so are ours (``fo_jax.layers.linear``), with
+# the attention's head axes split out of the flat dimension.
 Layout = tuple[Callable[[np.ndarray, LLMConfig], np.ndarray], Callable[[np.ndarray, LLMConfig], np.ndarray]]
 
 
 def _heads(n: Callable[[LLMConfig], int]) -> Layout:
-    """q/k/v kernel: HF (N*H, D) <-> ours (D, N, H)."""
-    return (lambda w, c: w.T.reshape(c.hidden_size, n(c), c.head_dim),
-            lambda w, c: w.reshape(c.hidden_size, -1).T)
+    """q/k/v kernel: HF (N*H, D) <-> ours (N, H, D)."""
+    return (lambda w, c: w.reshape(n(c), c.head_dim, c.hidden_size),
+            lambda w, c: w.reshape(-1, c.hidden_size))
 
 
 def _head_bias(n: Callable[[LLMConfig], int]) -> Layout:
     return (lambda w, c: w.reshape(n(c), c.head_dim), lambda w, c: w.reshape(-1))
 
 
-TRANSPOSE: Layout = (lambda w, c: w.T, lambda w, c: w.T)
 SAME: Layout = (lambda w, c: w, lambda w, c: w)
-_O: Layout = (lambda w, c: w.T.reshape(c.num_heads, c.head_dim, c.hidden_size),
-               lambda w, c: w.reshape(-1, c.hidden_size).T)
+_O: Layout = (lambda w, c: w.reshape(c.hidden_size, c.num_heads, c.head_dim),
+               lambda w, c: w.reshape(c.hidden_size, -1))
 _Q, _KV = (lambda c: c.num_heads), (lambda c: c.num_kv_heads)
 
 # (HF name with {i} for the layer, our param path, layout)
@@ -46,9 +46,9 @@ LAYER_TABLE: list[tuple[str, str, Layout]] = [
     ("model.layers.{i}.self_attn.v_proj.weight", "layers_{i}/self_attn/v_proj/kernel", _heads(_KV)),
     ("model.layers.{i}.self_attn.v_proj.bias", "layers_{i}/self_attn/v_proj/bias", _head_bias(_KV)),
     ("model.layers.{i}.self_attn.o_proj.weight", "layers_{i}/self_attn/o_proj/kernel", _O),
-    ("model.layers.{i}.mlp.gate_proj.weight", "layers_{i}/mlp/gate_proj/kernel", TRANSPOSE),
-    ("model.layers.{i}.mlp.up_proj.weight", "layers_{i}/mlp/up_proj/kernel", TRANSPOSE),
-    ("model.layers.{i}.mlp.down_proj.weight", "layers_{i}/mlp/down_proj/kernel", TRANSPOSE),
+    ("model.layers.{i}.mlp.gate_proj.weight", "layers_{i}/mlp/gate_proj/kernel", SAME),
+    ("model.layers.{i}.mlp.up_proj.weight", "layers_{i}/mlp/up_proj/kernel", SAME),
+    ("model.layers.{i}.mlp.down_proj.weight", "layers_{i}/mlp/down_proj/kernel", SAME),
     ("model.layers.{i}.input_layernorm.weight", "layers_{i}/input_layernorm/scale", SAME),
     ("model.layers.{i}.post_attention_layernorm.weight", "layers_{i}/post_attention_layernorm/scale", SAME),
 ]
@@ -56,7 +56,7 @@ _TOP_TABLE: list[tuple[str, str, Layout]] = [
     ("model.embed_tokens.weight", "embed_tokens/embedding", SAME),
     ("model.norm.weight", "norm/scale", SAME),
 ]
-_HEAD = ("lm_head.weight", "lm_head/kernel", TRANSPOSE)
+_HEAD = ("lm_head.weight", "lm_head/kernel", SAME)
 
 
 def mapping_table(cfg: LLMConfig) -> list[tuple[str, str, Layout]]:

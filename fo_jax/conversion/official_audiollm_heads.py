@@ -16,14 +16,13 @@ from fo_jax.conversion import official_audiollm as oa
 from fo_jax.errors import LoadError
 from fo_jax.models.configs import ModelConfig, to_dtype
 
-_SAME: Callable[[np.ndarray], np.ndarray] = lambda w: w
-_T: Callable[[np.ndarray], np.ndarray] = lambda w: w.T  # torch Linear (out, in) -> ours (in, out)
+_SAME: Callable[[np.ndarray], np.ndarray] = lambda w: w  # torch Linear (out, in) is our layout too
 
 # (official name, our param path, official -> ours)
 HEADS_TABLE: list[tuple[str, str, Callable[[np.ndarray], np.ndarray]]] = [
     ("prompt_embeddings.weight", "prompt_embeddings/embedding", _SAME),
     ("task_embeddings.weight", "task_embeddings/embedding", _SAME),
-    ("predictor_head.weight", "state_head/kernel", _T),
+    ("predictor_head.weight", "state_head/kernel", _SAME),
     ("predictor_head.bias", "state_head/bias", _SAME),
 ]
 # Dropped in stage 3 and unused at inference: may be absent from a checkpoint (then zeros).

@@ -3,7 +3,7 @@
 The official module (``LLM2TTSCodecAR``) holds transformers ``LlamaDecoderLayer`` stacks named
 ``layers_pre_nn.{i}``, ``layers.{i}``, ``layers_prefix.{i}``, plus ``embedding``, ``norm`` and
 ``out_fnn``; the per-layer table is the HF LLaMA/Qwen2 one of ``fo_jax.conversion.hf_qwen2``
-(without biases). Layouts are transposes/reshapes only, so the mapping also runs under
+(without biases). Layouts are reshapes only, so the mapping also runs under
 ``jax.eval_shape``. Errors name the file and the key in one line.
 """
 
@@ -17,7 +17,7 @@ from typing import Any, Mapping
 import jax
 import numpy as np
 
-from fo_jax.conversion.hf_qwen2 import LAYER_TABLE, SAME, TRANSPOSE, Layout, set_path
+from fo_jax.conversion.hf_qwen2 import LAYER_TABLE, SAME, Layout, set_path
 from fo_jax.errors import ConfigError, LoadError
 from fo_jax.models.configs import SpeechDecoderConfig, to_dtype
 from fo_jax.models.speech_decoder import block_config
@@ -30,7 +30,7 @@ _STACKS = (("layers_pre_nn", "layers_pre_nn", lambda c: c.num_layers // 2),
 _TOP_TABLE: list[tuple[str, str, Layout]] = [
     ("embedding.weight", "embedding/embedding", SAME),
     ("norm.weight", "norm/scale", SAME),
-    ("out_fnn.weight", "out_fnn/kernel", TRANSPOSE),
+    ("out_fnn.weight", "out_fnn/kernel", SAME),
     ("out_fnn.bias", "out_fnn/bias", SAME),
 ]
 # Non-persistent in the release's transformers, but older exports may carry them.

@@ -18,7 +18,6 @@ import numpy as np
 
 from fo_jax.inference.sampling import SamplingConfig, sample
 from fo_jax.layers.kv_cache import KVCache
-from fo_jax.layers.mlp import matvec_dot_general
 from fo_jax.models.configs import LLMConfig, to_dtype
 from fo_jax.models.qwen2 import Qwen2
 
@@ -69,33 +68,7 @@ def _decode(params, tokens_b, cache, cfg):
     model = Qwen2(cfg)
     x = model.apply({"params": params}, tokens_b[:, None], method=Qwen2.embed)
     hidden, cache = model.apply({"params": params}, x, None, cache)
-    return model.apply({"params": params}, hidden[:, 0], method=_head_logits), hidden[:, 0], cache
-
-
-def _head_logits(model: Qwen2, hidden_bd: jax.Array) -> jax.Array:
-    """``Qwen2.logits`` for decode steps: same math and dtypes, faster contractions on CPU.
-
-    Tied float32 head: ``nn.Embed.attend`` computes ``h @ embedding.T``; inside a decode step
-    XLA:CPU fuses that transpose (and the final RMSNorm) into a naive loop "dot" over the
-    (V, D) table, about 1.3x slower than the library dot that contracting D of the table
-    directly gives. Tied low-precision head: that fused loop reads the table in its own dtype
-    with no float32 copy, which beats upcasting it, so ``attend``'s form is kept. Untied head:
-    the projections' ``dot_general`` (per-piece upcast of low-precision weights on CPU, see
-    ``fo_jax.layers.mlp.matvec_dot_general``).
-    """
-    cfg = model.config
-    dtype = to_dtype(cfg.dtype)
-    h = hidden_bd.astype(dtype)
-    if cfg.tie_word_embeddings:
-        table = jnp.asarray(model.embed_tokens.embedding).astype(dtype)  # (V, D)
-        if jnp.dtype(dtype) == jnp.float32:
-            out = jax.lax.dot_general(h, table, (((h.ndim - 1,), (1,)), ((), ())))
-        else:
-            out = jnp.dot(h, table.T)
-    else:
-        kernel = jnp.asarray(model.lm_head.variables["params"]["kernel"]).astype(dtype)  # (D, V)
-        out = matvec_dot_general(h, kernel, (((h.ndim - 1,), (0,)), ((), ())))
-    return out.astype(jnp.float32)
+    return model.apply({"params": params}, hidden[:, 0], method=Qwen2.logits), hidden[:, 0], cache
 
 
 @flax.struct.dataclass

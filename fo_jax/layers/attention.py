@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 
 from fo_jax.layers.kv_cache import KVCache
-from fo_jax.layers.mlp import DEFAULT_INIT, matvec_dot_general
+from fo_jax.layers.linear import Linear
 from fo_jax.layers.rope import apply_rope
 
 
@@ -36,7 +36,8 @@ def dot_product_attention(q_btnh: jax.Array, k_bskh: jax.Array, v_bskh: jax.Arra
 class Attention(nn.Module):
     """Multi-head attention, GQA-capable, with params named as in HF LLaMA/Qwen2.
 
-    Params: q_proj (D, N, H), k_proj / v_proj (D, K, H), optional biases, o_proj (N, H, D).
+    Params (torch layout, output axes first): q_proj (N, H, D), k_proj / v_proj (K, H, D),
+    optional biases (N, H) / (K, H), o_proj (D, N, H).
     """
 
     num_heads: int
@@ -47,12 +48,9 @@ class Attention(nn.Module):
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
 
-    def _proj(self, heads: int, head_axis: str, name: str) -> nn.DenseGeneral:
-        return nn.DenseGeneral(
-            (heads, self.head_dim), use_bias=self.use_bias, dtype=self.dtype,
-            param_dtype=self.param_dtype, name=name, dot_general=matvec_dot_general,
-            kernel_init=nn.with_logical_partitioning(DEFAULT_INIT, ("embed", head_axis, "head_dim")),
-            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (head_axis, "head_dim")))
+    def _proj(self, heads: int, head_axis: str, name: str) -> Linear:
+        return Linear((heads, self.head_dim), names=(head_axis, "head_dim", "embed"), use_bias=self.use_bias,
+                      dtype=self.dtype, param_dtype=self.param_dtype, name=name)
 
     @nn.compact
     def __call__(self, x_btd: jax.Array, positions_bt: jax.Array, mask_bts: jax.Array,
@@ -76,9 +74,6 @@ class Attention(nn.Module):
             cache = cache.write(layer, k, v)
             k, v = cache.k[layer].astype(self.dtype), cache.v[layer].astype(self.dtype)
         out = dot_product_attention(q, k, v, mask_bts)
-        out = nn.DenseGeneral(
-            x_btd.shape[-1], axis=(-2, -1), use_bias=False, dtype=self.dtype,
-            param_dtype=self.param_dtype, name="o_proj", dot_general=matvec_dot_general,
-            kernel_init=nn.with_logical_partitioning(DEFAULT_INIT, ("heads", "head_dim", "embed")),
-        )(out)
+        out = Linear(x_btd.shape[-1], in_axes=2, names=("embed", "heads", "head_dim"), dtype=self.dtype,
+                     param_dtype=self.param_dtype, name="o_proj")(out)
         return out, cache

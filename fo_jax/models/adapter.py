@@ -25,8 +25,9 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from fo_jax.layers.linear import TorchLinear as Linear, project
 from fo_jax.models.configs import AdapterConfig, EncoderConfig, to_dtype
-from fo_jax.models.encoder import (EncoderStreamState, Linear, conv_init, encoder_stream_step, matmul_t,
+from fo_jax.models.encoder import (EncoderStreamState, conv_init, encoder_stream_step,
                                    zero_rows)
 
 
@@ -62,7 +63,7 @@ class CausalConv1d(nn.Module):
         t_out = (t - k) // self.stride + 1
         taps = [x_btc[:, i:i + self.stride * (t_out - 1) + 1:self.stride] for i in range(k)]
         patches = jnp.stack(taps, axis=-1).reshape(b, t_out, c * k)  # (Cin, K) order as the kernel
-        return matmul_t(patches, kernel.reshape(self.features, c * k), self.dtype) + bias.astype(jnp.float32)
+        return project(patches, kernel.reshape(self.features, c * k), 1, self.dtype, jnp.float32) + bias.astype(jnp.float32)
 
 
 @flax.struct.dataclass
@@ -101,7 +102,7 @@ class Adapter(nn.Module):
         dtype, pdtype, d = to_dtype(cfg.dtype), to_dtype(cfg.param_dtype), cfg.input_dim
 
         def dense(name):
-            return Linear(cfg.output_dim, ("embed", "mlp"), dtype=dtype, param_dtype=pdtype, name=name)
+            return Linear(cfg.output_dim, names=("embed", "mlp"), dtype=dtype, param_dtype=pdtype, name=name)
 
         def batch_norm():
             # torch BatchNorm1d(momentum=0.99): running = 0.01 running + 0.99 batch -> flax momentum 0.01

@@ -5,7 +5,7 @@ Param tree (names follow the official ``AudioLLM`` where sensible)::
   {'encoder': <SpeechEncoder>, 'adapter': <Adapter params>, 'llm': <Qwen2>,
    'prompt_embeddings': {'embedding': (prompt_num, D)},   # before every user question (stage 3)
    'task_embeddings': {'embedding': (task_num, D)},       # stage-2 special tokens
-   'state_head': {'kernel': (D, num_states), 'bias': (num_states,)},
+   'state_head': {'kernel': (num_states, D), 'bias': (num_states,)},
    ['adapter_batch_stats': BatchNorm statistics, only for the adapter kinds that have them]}
 
 The Linen module ``AudioLLM`` holds the LLM and the heads; the encoder and adapter are composed
@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from fo_jax.layers.kv_cache import KVCache
-from fo_jax.layers.mlp import DEFAULT_INIT
+from fo_jax.layers.linear import DEFAULT_INIT, Linear
 from fo_jax.models.adapter import (SpeechInputState, adapter_forward, init_adapter_variables,
                                    speech_input_step)
 from fo_jax.models.configs import ModelConfig, to_dtype
@@ -145,10 +145,8 @@ class AudioLLM(nn.Module):
         self.llm = Qwen2(cfg.llm)
         self.prompt_embeddings = _embed(cfg.adapter.prompt_num, d, dtype, pdtype)
         self.task_embeddings = _embed(cfg.adapter.task_num, d, dtype, pdtype)
-        self.state_head = nn.Dense(
-            cfg.adapter.num_states, dtype=dtype, param_dtype=pdtype,
-            kernel_init=nn.with_logical_partitioning(DEFAULT_INIT, ("embed", None)),
-            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (None,)))
+        self.state_head = Linear(cfg.adapter.num_states, names=(None, "embed"), use_bias=True, dtype=dtype,
+                                 param_dtype=pdtype, out_dtype=jnp.float32)
 
     def embed(self, tokens: jax.Array) -> jax.Array:
         """(...) token ids -> (..., D) LLM input embeddings."""
@@ -174,7 +172,7 @@ class AudioLLM(nn.Module):
 
     def state_logits(self, hidden: jax.Array) -> jax.Array:
         """(..., D) final-norm hidden states -> (..., num_states) float32 state-head logits."""
-        return self.state_head(hidden).astype(jnp.float32)
+        return self.state_head(hidden)
 
     def assemble(self, tokens_bt: jax.Array, source_bt: jax.Array, index_bt: jax.Array,
                  audio_bad: jax.Array | None = None) -> jax.Array:

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import optax
 
 from fo_jax.models.configs import EncoderConfig, to_dtype
-from fo_jax.models.encoder import Linear
+from fo_jax.layers.linear import TorchLinear as Linear
 
 
 class CTCHead(nn.Module):
@@ -22,7 +22,7 @@ class CTCHead(nn.Module):
     @nn.compact
     def __call__(self, enc_btd: jax.Array) -> jax.Array:
         """(B, T, D) encoder frames -> (B, T, V) float32 logits."""
-        return Linear(self.vocab_size, ("vocab", "embed"), dtype=self.dtype, param_dtype=self.param_dtype,
+        return Linear(self.vocab_size, names=("vocab", "embed"), dtype=self.dtype, param_dtype=self.param_dtype,
                       name="ctc_lo")(enc_btd)
 
 

@@ -4,9 +4,7 @@ Global CMVN -> Conv2d subsampling x4 (two 3x3 stride-2 convs + ReLU, then a Line
 frequencies) -> input layer (Linear, LayerNorm, dropout, ReLU) -> x sqrt(D) -> pre-LN transformer
 blocks -> final LayerNorm. Param names mirror the official modules (``linear_q``, ``pos_bias_u``,
 ``feed_forward/w_1``, ``norm1``, ``after_norm``...) and weights keep the PyTorch layout (Linear
-(out, in), Conv (out, in, *kernel)): on XLA:CPU, matmuls contracting the last axis of both operands
-run 1.3-2x (float32) and 2-5x (bfloat16) faster for the few-row products of streaming than with
-(in, out) kernels, and conversion is a table of renames.
+(out, in), Conv (out, in, *kernel); see ``fo_jax.layers.linear``), so conversion is a table of renames.
 
 Attention is the official "rel-enc" as released: score = ((q + u) k + (q + v) Wpos PE(key)) /
 sqrt(d_k), with PE the sinusoid at the key's position and no rel_shift (so it is an absolute
@@ -35,50 +33,18 @@ import numpy as np
 
 from fo_jax import sharding
 from fo_jax.errors import ConfigError
+from fo_jax.layers.linear import TorchLinear as Linear, fan_in_init, project
 from fo_jax.models.configs import EncoderConfig, to_dtype
 
 # Official masked-fill value: the float16 minimum, whatever the compute dtype.
 MASK_VALUE = float(np.finfo(np.float16).min)
 SUBSAMPLING = 4  # fbank frames per encoder frame
-# LeCun-normal for kernels stored (out, ..., in): fan-in is the last axis.
-TORCH_LAYOUT_INIT = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=-1, out_axis=0)
+TORCH_LAYOUT_INIT = fan_in_init()
 
 
 def conv_init(key, shape, dtype=jnp.float32):
     """LeCun-normal for conv kernels (out, in, *kernel): fan-in over every axis but the first."""
-    return nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=tuple(
-        range(1, len(shape))), out_axis=0)(key, shape, dtype)
-
-
-def matmul_t(x: jax.Array, kernel_oi: jax.Array, dtype: jnp.dtype) -> jax.Array:
-    """x (..., I) times kernel (O, I) transposed -> (..., O) float32 (inputs cast to ``dtype``)."""
-    return jax.lax.dot_general(x.astype(dtype), kernel_oi.astype(dtype), (((x.ndim - 1,), (1,)), ((), ())),
-                               preferred_element_type=jnp.float32)
-
-
-class Linear(nn.Module):
-    """torch.nn.Linear: params kernel (out, in) and bias (out,); returns float32.
-
-    Attributes:
-      names: logical axis names of the kernel, (out, in).
-    """
-
-    features: int
-    names: tuple[str | None, str | None] = ("mlp", "embed")
-    use_bias: bool = True
-    dtype: jnp.dtype = jnp.float32
-    param_dtype: jnp.dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        """(..., in) -> (..., out) float32."""
-        kernel = self.param("kernel", nn.with_logical_partitioning(TORCH_LAYOUT_INIT, self.names),
-                            (self.features, x.shape[-1]), self.param_dtype)
-        y = matmul_t(x, kernel, self.dtype)
-        if self.use_bias:
-            y = y + self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, self.names[:1]),
-                               (self.features,), self.param_dtype).astype(jnp.float32)
-        return y
+    return fan_in_init(len(shape) - 1)(key, shape, dtype)
 
 
 def _layer_norm(eps: float, pdtype) -> nn.LayerNorm:
@@ -160,7 +126,7 @@ class StridedConv3x3(nn.Module):
             ho, wo = (h - 3) // 2 + 1, (w - 3) // 2 + 1
             taps = [x[:, i:i + 2 * ho - 1:2, j:j + 2 * wo - 1:2] for i in range(3) for j in range(3)]
             patches = jnp.stack(taps, axis=-1).reshape(b, ho, wo, c * 9)  # (Cin, kh, kw) order as the kernel
-            out = matmul_t(patches, kernel.reshape(self.features, c * 9), self.dtype)
+            out = project(patches, kernel.reshape(self.features, c * 9), 1, self.dtype, jnp.float32)
         return out + bias.astype(jnp.float32)
 
 
@@ -182,7 +148,7 @@ class Conv2dSubsampling(nn.Module):
         x = nn.relu(StridedConv3x3(d, dtype, pdtype, name="conv_1")(x))  # (B, T', F', D)
         b, t, f, c = x.shape
         x = x.astype(dtype).transpose(0, 1, 3, 2).reshape(b, t, c * f)
-        return Linear(d, ("embed", "mlp"), dtype=dtype, param_dtype=pdtype, name="out")(x)
+        return Linear(d, names=("embed", "mlp"), dtype=dtype, param_dtype=pdtype, name="out")(x)
 
 
 class PosLinear(nn.Module):
@@ -224,10 +190,10 @@ class RelEncAttention(nn.Module):
         cfg = self.config
         self.dtype, pdtype, d = to_dtype(cfg.dtype), to_dtype(cfg.param_dtype), cfg.hidden_size
         self.heads, self.d_k = cfg.num_heads, d // cfg.num_heads
-        self.linear_q = Linear(d, ("heads", "embed"), dtype=self.dtype, param_dtype=pdtype)
-        self.linear_k = Linear(d, ("heads", "embed"), dtype=self.dtype, param_dtype=pdtype)
-        self.linear_v = Linear(d, ("heads", "embed"), dtype=self.dtype, param_dtype=pdtype)
-        self.linear_out = Linear(d, ("embed", "heads"), dtype=self.dtype, param_dtype=pdtype)
+        self.linear_q = Linear(d, names=("heads", "embed"), dtype=self.dtype, param_dtype=pdtype)
+        self.linear_k = Linear(d, names=("heads", "embed"), dtype=self.dtype, param_dtype=pdtype)
+        self.linear_v = Linear(d, names=("heads", "embed"), dtype=self.dtype, param_dtype=pdtype)
+        self.linear_out = Linear(d, names=("embed", "heads"), dtype=self.dtype, param_dtype=pdtype)
         self.linear_pos = PosLinear(self.heads, self.d_k, self.dtype, pdtype)
         bias_init = nn.with_logical_partitioning(nn.initializers.xavier_uniform(), ("heads", "head_dim"))
         self.pos_bias_u = self.param("pos_bias_u", bias_init, (self.heads, self.d_k), pdtype)
@@ -291,9 +257,9 @@ class FeedForward(nn.Module):
     def __call__(self, x_btd: jax.Array, deterministic: bool = True) -> jax.Array:
         cfg = self.config
         dtype, pdtype = to_dtype(cfg.dtype), to_dtype(cfg.param_dtype)
-        h = nn.relu(Linear(cfg.ffn_size, ("mlp", "embed"), dtype=dtype, param_dtype=pdtype, name="w_1")(x_btd))
+        h = nn.relu(Linear(cfg.ffn_size, names=("mlp", "embed"), dtype=dtype, param_dtype=pdtype, name="w_1")(x_btd))
         h = nn.Dropout(cfg.dropout)(h, deterministic=deterministic)
-        return Linear(cfg.hidden_size, ("embed", "mlp"), dtype=dtype, param_dtype=pdtype, name="w_2")(h)
+        return Linear(cfg.hidden_size, names=("embed", "mlp"), dtype=dtype, param_dtype=pdtype, name="w_2")(h)
 
 
 class EncoderLayer(nn.Module):
@@ -402,7 +368,7 @@ class SpeechEncoder(nn.Module):
             self.cmvn_istd = self.param("cmvn_istd", nn.with_logical_partitioning(
                 nn.initializers.ones, ("norm",)), (cfg.input_dim,), jnp.float32)
         self.subsampling = Conv2dSubsampling(cfg)
-        self.embed_linear = Linear(d, ("embed", "mlp"), dtype=dtype, param_dtype=pdtype)
+        self.embed_linear = Linear(d, names=("embed", "mlp"), dtype=dtype, param_dtype=pdtype)
         self.embed_norm = _layer_norm(cfg.layer_norm_eps, pdtype)
         self.embed_dropout = nn.Dropout(cfg.dropout)
         self.pos_dropout = nn.Dropout(cfg.positional_dropout)

@@ -15,7 +15,8 @@ import numpy as np
 from fo_jax import sharding
 from fo_jax.layers.attention import Attention
 from fo_jax.layers.kv_cache import KVCache
-from fo_jax.layers.mlp import DEFAULT_INIT, SwiGLU
+from fo_jax.layers.linear import DEFAULT_INIT, Linear, project
+from fo_jax.layers.mlp import SwiGLU
 from fo_jax.layers.norms import RMSNorm
 from fo_jax.models.configs import LLMConfig, to_dtype
 
@@ -81,9 +82,8 @@ class Qwen2(nn.Module):
             self.layers = [block(cfg) for _ in range(cfg.num_layers)]
         self.norm = RMSNorm(cfg.rms_norm_eps, pdtype)
         if not cfg.tie_word_embeddings:
-            self.lm_head = nn.Dense(
-                cfg.vocab_size, use_bias=False, dtype=dtype, param_dtype=pdtype,
-                kernel_init=nn.with_logical_partitioning(DEFAULT_INIT, ("embed", "vocab")))
+            self.lm_head = Linear(cfg.vocab_size, names=("vocab", "embed"), dtype=dtype, param_dtype=pdtype,
+                                  out_dtype=jnp.float32)
 
     def embed(self, tokens_bt: jax.Array) -> jax.Array:
         """(B, T) int -> (B, T, D) in the compute dtype."""
@@ -91,11 +91,9 @@ class Qwen2(nn.Module):
 
     def logits(self, hidden_btd: jax.Array) -> jax.Array:
         """(..., D) final-norm hidden states -> (..., V) float32 logits."""
-        if self.config.tie_word_embeddings:
-            out = self.embed_tokens.attend(hidden_btd)
-        else:
-            out = self.lm_head(hidden_btd)
-        return out.astype(jnp.float32)
+        if self.config.tie_word_embeddings:  # the (V, D) table is a torch-layout kernel
+            return project(hidden_btd, self.embed_tokens.embedding, 1, to_dtype(self.config.dtype), jnp.float32)
+        return self.lm_head(hidden_btd)
 
     def __call__(self, x_btd: jax.Array, lengths_b: jax.Array | None = None,
                  cache: KVCache | None = None, positions_bt: jax.Array | None = None,

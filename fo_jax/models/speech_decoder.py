@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import optax
 
 from fo_jax.layers.kv_cache import KVCache
-from fo_jax.layers.mlp import DEFAULT_INIT
+from fo_jax.layers.linear import DEFAULT_INIT, Linear
 from fo_jax.layers.norms import RMSNorm
 from fo_jax.models.configs import LLMConfig, SpeechDecoderConfig, to_dtype
 from fo_jax.models.qwen2 import Qwen2Block
@@ -126,10 +126,8 @@ class SpeechDecoder(nn.Module):
         if cfg.use_prefix:
             self.layers_prefix = [Qwen2Block(bcfg) for _ in range(cfg.num_layers)]
         self.norm = RMSNorm(cfg.rms_norm_eps, pdtype)
-        self.out_fnn = nn.Dense(
-            cfg.vocab_size, dtype=dtype, param_dtype=pdtype,
-            kernel_init=nn.with_logical_partitioning(DEFAULT_INIT, ("embed", "vocab")),
-            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("vocab",)))
+        self.out_fnn = Linear(cfg.vocab_size, names=("vocab", "embed"), use_bias=True, dtype=dtype,
+                              param_dtype=pdtype, out_dtype=jnp.float32)
 
     def _dtype(self):
         return to_dtype(self.config.dtype)
@@ -197,7 +195,7 @@ class SpeechDecoder(nn.Module):
 
     def logits(self, hidden_btd: jax.Array) -> jax.Array:
         """(..., D) -> (..., vocab_size) float32."""
-        return self.out_fnn(hidden_btd).astype(jnp.float32)
+        return self.out_fnn(hidden_btd)
 
     def __call__(self, text_bnd: jax.Array, text_lens_b: jax.Array, inputs_bt: jax.Array,
                  target_lens_b: jax.Array, prefix_bpd: jax.Array | None = None,
