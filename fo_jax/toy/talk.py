@@ -54,6 +54,13 @@ def whole_chunks(samples: np.ndarray, extra_seconds: float = 0.0) -> np.ndarray:
     return np.pad(np.asarray(samples, np.float32), (0, n - len(samples)))
 
 
+def endpoint_delay_ms(chunks_heard: int, speech_end: float) -> float:
+    """ms of input between the end of the user's speech (``speech_end``, seconds into the clip) and
+    the state head's decision, made at the end of the ``chunks_heard``-th 160 ms chunk (negative:
+    it decided to answer before the user stopped)."""
+    return 1e3 * (chunks_heard * CHUNK_SECONDS - speech_end)
+
+
 def _records(manifest: str | os.PathLike) -> tuple[list[dict], Path]:
     return read_manifest(manifest), Path(manifest).resolve().parent
 
@@ -133,7 +140,7 @@ def _recognized(audio_24k: np.ndarray, rate: int, lm: str | os.PathLike) -> str:
     return recognize(resample(audio_24k, rate, USER_RATE), lm) if len(audio_24k) else ""
 
 
-def _speech_scores(answers: list[str], heard: list[str], reference_heard: list[str]) -> dict[str, Any]:
+def speech_scores(answers: list[str], heard: list[str], reference_heard: list[str]) -> dict[str, Any]:
     def score(hyps: list[str]) -> dict[str, float]:
         return {"wer": wer(answers, hyps),
                 "accuracy": float(np.mean([answer_matches(h, a) for h, a in zip(hyps, answers)]))}
@@ -164,10 +171,10 @@ def speech_out_eval(engine: Engine, test_qa: str | os.PathLike, lm: str | os.Pat
             write_wav(wav_dir / f"{i:02d}_reference.wav", reference, rate)
             examples.append({"answer": r["answer"], "heard": heard[-1], "reference_heard": reference_heard[-1]})
     answers = [r["answer"] for r in records]
-    return {**_speech_scores(answers, heard, reference_heard), "n": len(records), "examples": examples}
+    return {**speech_scores(answers, heard, reference_heard), "n": len(records), "examples": examples}
 
 
-def _latency_stats(latencies: list[dict[str, float]]) -> dict[str, dict[str, float]]:
+def latency_stats(latencies: list[dict[str, float]]) -> dict[str, dict[str, float]]:
     """{component: {"avg", "p50", "p90"}} over replies (the paper's table; cumulative ``at_*`` dropped)."""
     names = [k for k in latencies[0] if not k.startswith("at_")] if latencies else []
     return {k: {"avg": float(np.mean(v)), "p50": float(np.percentile(v, 50)), "p90": float(np.percentile(v, 90))}
@@ -194,8 +201,7 @@ def talk(engine: Engine, test_qa: str | os.PathLike, lm: str | os.PathLike, wav_
         conv.listen(whole_chunks(question, SILENCE_SECONDS), decide=True)
         turn = {"question": r["text"], "expected": r["answer"], "speech_end": r["speech_end"],
                 "decision": conv.state.name, "chunks_heard": conv.chunks_heard}
-        # The decision is made at the end of the deciding chunk, on the input's timeline.
-        turn["endpoint_delay_ms"] = 1e3 * (conv.chunks_heard * CHUNK_SECONDS - r["speech_end"])
+        turn["endpoint_delay_ms"] = endpoint_delay_ms(conv.chunks_heard, r["speech_end"])
         audio = np.zeros(0, np.float32)
         if conv.state == State.SS:
             reply = conv.respond()
@@ -214,7 +220,7 @@ def talk(engine: Engine, test_qa: str | os.PathLike, lm: str | os.PathLike, wav_
     answered = [t for t in turns if t["decision"] == "SS"]
     delays = [t["endpoint_delay_ms"] for t in answered]
     latencies = [t["latency_ms"] for t in answered if t.get("latency_ms")]
-    scores = _speech_scores([t["expected"] for t in turns], [t["heard"] for t in turns],
+    scores = speech_scores([t["expected"] for t in turns], [t["heard"] for t in turns],
                             [t["reference_heard"] for t in turns])
     return {"n": len(turns), "answered": len(answered),
             "dropped": sum(t["decision"] == "EL" for t in turns),
@@ -225,6 +231,6 @@ def talk(engine: Engine, test_qa: str | os.PathLike, lm: str | os.PathLike, wav_
             "endpoint_delay_ms": float(np.mean(delays)) if delays else None,
             "endpoint_delay_p90_ms": float(np.percentile(delays, 90)) if delays else None,
             "answered_before_speech_end": sum(d < 0 for d in delays),
-            "latency_ms": _latency_stats(latencies),
+            "latency_ms": latency_stats(latencies),
             "rtf": float(np.mean([t["rtf"] for t in answered if t.get("rtf")])) if answered else None,
             "compiles_after_warm_up": engine.compiles.count - warm}
