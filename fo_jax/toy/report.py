@@ -314,11 +314,16 @@ def _speech_in_section(run: RunInfo) -> list[str]:
     return lines
 
 
+def _section(run: RunInfo, title: str, name: str) -> tuple[list[str], dict[str, Any] | None]:
+    """A section's heading and step ``name``'s result (None: the heading says why it did not run)."""
+    result = run.results.get(name)
+    return [f"## {title}", ""] + ([] if result is not None else _not_run(run, name)), result
+
+
 def _speech_out_section(run: RunInfo) -> list[str]:
-    lines = ["## Speech out (decoder, prefix decoder, fast codec)", ""]
-    ev = run.results.get("speech_out_eval")
+    lines, ev = _section(run, "Speech out (decoder, prefix decoder, fast codec)", "speech_out_eval")
     if ev is None:
-        return lines + _not_run(run, "speech_out_eval")
+        return lines
     lines += [f"Each test question heard, then its reference answer's text forced through the frozen LLM (as the "
               f"paper's output-speech evaluation); its hidden states and tokens drive the trained speech decoder, "
               f"the fast codec speaks. pocketsphinx transcribes the {ev['n']} answers:", ""]
@@ -334,10 +339,9 @@ def _speech_out_section(run: RunInfo) -> list[str]:
 
 
 def _talk_section(run: RunInfo, plots: dict[str, str]) -> list[str]:
-    lines = ["## Talking (duplex, streaming): accuracy, endpoint delay, latency", ""]
-    talk = run.results.get("talk")
+    lines, talk = _section(run, "Talking (duplex, streaming): accuracy, endpoint delay, latency", "talk")
     if talk is None:
-        return lines + _not_run(run, "talk")
+        return lines
     lines += [f"{talk['n']} test questions, each followed by silence; the state head decides when to answer: "
               f"answered {talk['answered']}, dropped {talk['dropped']}, undecided {talk['undecided']}. "
               f"Text answers correct: {_pct(talk['text_accuracy'])}. Speech in -> speech out (pocketsphinx on the "
