@@ -11,7 +11,7 @@ from fo_jax.config import load_config
 
 
 # The toy world's runs (``fo-jax toy`` / ``--quick``): the tiny model, these many steps.
-TOY_STEPS = {"toy": 1000, "toy_quick": 300}
+TOY_STEPS = {"toy": 1000, "toy_quick": 600}
 
 
 def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:

@@ -17,7 +17,7 @@ from fo_jax.toy.world import TRANSCRIBE_PREFIX
 
 
 # The toy world's runs (``fo-jax toy`` / ``--quick``): the tiny model, these many steps.
-TOY_STEPS = {"toy": 600, "toy_quick": 150}
+TOY_STEPS = {"toy": 600, "toy_quick": 300}
 
 
 def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
