@@ -11,9 +11,15 @@ import ml_collections
 from fo_jax.config import load_config
 
 
+# The toy world's runs (``fo-jax toy`` / ``--quick``): the tiny model, these many steps.
+TOY_STEPS = {"toy": 1000, "toy_quick": 600}
+
+
 def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
-    if variant not in ("tiny", "mid", "freeze_omni"):
-        raise ValueError(f"unknown variant {variant!r}; expected tiny, mid or freeze_omni")
+    if variant not in ("tiny", "mid", "freeze_omni", *TOY_STEPS):
+        raise ValueError(f"unknown variant {variant!r}; expected tiny, mid, toy, toy_quick or freeze_omni")
+    toy_steps = TOY_STEPS.get(variant)
+    variant = "tiny" if toy_steps else variant
     model = load_config(f"configs/freeze_omni.py:{'tiny' if variant == 'mid' else variant}").model.to_dict()
     if variant == "mid":
         model["encoder"].update(hidden_size=256, num_layers=6, num_heads=4, ffn_size=1024)
@@ -42,4 +48,6 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
         "mesh": {"shape": (-1, 1, 1)},
         "seed": 0,
     })
+    if toy_steps:
+        cfg.stage.steps = toy_steps
     return cfg

@@ -14,9 +14,15 @@ import ml_collections
 from fo_jax.config import load_config
 
 
+# The toy world's runs (``fo-jax toy`` / ``--quick``): the tiny model, these many steps.
+TOY_STEPS = {"toy": 400, "toy_quick": 100}
+
+
 def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
-    if variant not in ("tiny", "freeze_omni"):
-        raise ValueError(f"unknown variant {variant!r}; expected tiny or freeze_omni")
+    if variant not in ("tiny", "freeze_omni", *TOY_STEPS):
+        raise ValueError(f"unknown variant {variant!r}; expected tiny, toy, toy_quick or freeze_omni")
+    toy_steps = TOY_STEPS.get(variant)
+    variant = "tiny" if toy_steps else variant
     model = load_config(f"configs/freeze_omni.py:{variant}").model.to_dict()
     big = variant == "freeze_omni"
     # At scale: LLM blocks scanned and rematerialised (the frozen encoder has no backward pass).
@@ -53,4 +59,6 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
         "mesh": {"shape": (-1, 1, 1)},
         "seed": 0,
     })
+    if toy_steps:
+        cfg.stage.steps = toy_steps
     return cfg

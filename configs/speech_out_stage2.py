@@ -15,13 +15,19 @@ import ml_collections
 from fo_jax.config import load_config
 
 
+# The toy world's runs (``fo-jax toy`` / ``--quick``): the tiny model, these many steps.
+TOY_STEPS = {"toy": 600, "toy_quick": 150}
+
+
 def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
-    if variant not in ("tiny", "freeze_omni"):
-        raise ValueError(f"unknown variant {variant!r}; expected tiny or freeze_omni")
+    if variant not in ("tiny", "freeze_omni", *TOY_STEPS):
+        raise ValueError(f"unknown variant {variant!r}; expected tiny, toy, toy_quick or freeze_omni")
+    toy_steps = TOY_STEPS.get(variant)
+    variant = "tiny" if toy_steps else variant
     real = variant == "freeze_omni"
     model = load_config(f"configs/freeze_omni.py:{variant}").model.to_dict()
     steps = ml_collections.FieldReference(200_000 if real else 300)
-    return ml_collections.ConfigDict({
+    cfg = ml_collections.ConfigDict({
         "model": {"llm": model["llm"], "decoder": model["decoder"]},
         "stage": {
             "name": "speech_decoder",
@@ -45,3 +51,6 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
         "mesh": {"shape": (-1, 1, 1)},
         "seed": 0,
     })
+    if toy_steps:
+        cfg.stage.steps = toy_steps
+    return cfg

@@ -21,5 +21,5 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
                      system_prompt="",  # "" = the chat template's default system line
                      max_dialogue_len=512 if real else 96,  # system + question + header + answer tokens
                      max_answer_len=256 if real else 48)
-    cfg.stage.steps = 50_000 if real else 300
+    cfg.stage.steps = 50_000 if real else {"toy": 400, "toy_quick": 100}.get(variant, 300)
     return cfg

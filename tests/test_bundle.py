@@ -1,5 +1,6 @@
 """Model bundles: native round trip, official layout conversion + cache, one-line errors."""
 
+import dataclasses
 import json
 import os
 import sys
@@ -131,3 +132,20 @@ def test_official_bundle_converts_once_then_loads_from_the_cache(tmp_path, monke
     third = B.load_bundle(model, llm, cache_dir=cache)
     assert third.converted and len(reads) == 2
     assert B.load_bundle(model, llm, cache_dir=cache, use_cache=False).converted and len(reads) == 3
+
+
+def test_native_bundle_with_the_toy_mel_codec_round_trips(tmp_path):
+    from fo_jax.models.mel_codec import MelVQConfig
+
+    mel = MelVQConfig(n_codes=1024)
+    cfg = dataclasses.replace(bu.tiny_config(), codec=mel)
+    params = bu.converted_params()
+    codebook = np.random.default_rng(0).normal(size=(mel.n_codes, mel.frames_per_token * mel.n_mels)).astype(np.float32)
+    B.save_bundle(tmp_path / "b", cfg, dict(params, codec={"codebook": codebook}), tokenizer=bu.tokenizer())
+    meta = json.loads((tmp_path / "b" / "fo_jax_model.json").read_text())
+    assert meta["model"]["codec"]["kind"] == "mel_vq"
+    b = B.load_bundle(tmp_path / "b")
+    assert b.config.codec == mel and b.config == cfg
+    np.testing.assert_array_equal(b.params["codec"]["codebook"], codebook)
+    with pytest.raises(LoadError, match="codec/codebook.*shape"):  # checked like any tensor
+        B.save_bundle(tmp_path / "bad", cfg, dict(params, codec={"codebook": codebook[:, :10]}))

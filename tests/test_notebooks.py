@@ -2,7 +2,8 @@
 
 Each notebook runs in a fresh ``python3`` kernel through nbclient with the repository root as its
 working directory (so ``configs/...`` paths resolve); any cell that raises fails the test.
-Notebooks listed in ``CHECKS`` also get assertions on what they printed.
+Notebooks listed in ``CHECKS`` also get assertions on what they printed. ``SLOW`` ones (the toy
+world's: it trains the --quick pipeline unless its workdir holds a finished run) are marked slow.
 """
 
 from __future__ import annotations
@@ -23,9 +24,12 @@ NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.py"))
 QWEN2_VOCAB = 151646
 
 
+SLOW = {"02_toy_world.py": 1800}  # notebook -> cell timeout (s)
+
+
 def _execute(path: Path):
     nb = jupytext.read(path)
-    NotebookClient(nb, timeout=300, kernel_name="python3",
+    NotebookClient(nb, timeout=SLOW.get(path.name, 300), kernel_name="python3",
                    resources={"metadata": {"path": str(ROOT)}}).execute()
     return nb
 
@@ -72,14 +76,21 @@ def _check_qwen2_llm(text: str) -> None:
     assert "┌" in text  # jax.debug.visualize_array_sharding rendered a grid
 
 
-CHECKS = {"01_qwen2_llm.py": _check_qwen2_llm}
+def _check_toy_world(text: str) -> None:
+    assert "unchanged: True" in text
+    assert re.search(r"^PASS +frozen LLM fingerprint before == after", text, re.MULTILINE), text[-3000:]
+    assert "state after listening:" in text and "latency (ms):" in text
+
+
+CHECKS = {"01_qwen2_llm.py": _check_qwen2_llm, "02_toy_world.py": _check_toy_world}
 
 
 def test_notebooks_exist():
     assert NOTEBOOKS, f"no notebooks under {ROOT / 'notebooks'}"
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+@pytest.mark.parametrize("path", [pytest.param(p, marks=pytest.mark.slow) if p.name in SLOW else p
+                                  for p in NOTEBOOKS], ids=lambda p: p.name)
 def test_notebook_executes(path: Path):
     nb = _execute(path)  # raises CellExecutionError if any cell fails
     text = _output_text(nb)

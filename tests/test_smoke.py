@@ -1,4 +1,4 @@
-"""The README's main job (``fo-jax smoke``) in a short form: trains, saves, reloads, generates."""
+"""``fo-jax smoke`` (the main job before the toy world) in a short form: trains, saves, reloads, generates."""
 
 import json
 

@@ -41,7 +41,7 @@ def test_report_renders_with_missing_sections(tmp_path):
     metrics.write_text("".join(json.dumps({"step": s, "loss": 5.0 / s}) + "\n" for s in range(10, 110, 10)))
     run = RunInfo(tmp_path, quick=False, outcomes=_llm_result(0.97),
                   checks={"llm_fingerprint_now": "ab" * 32},
-                  pending={"asr_eval": "stage 1 is not a toy step yet", "talk": "no talking yet"}, budget_s=1800)
+                  pending={"speech_in_ctc": "stage 1 is not a toy step yet", "talk": "no talking yet"}, budget_s=1800)
     paths = write_report(tmp_path / "report", run)
     md = paths["markdown"].read_text()
     doc = json.loads(paths["json"].read_text())
@@ -78,9 +78,16 @@ def test_report_fails_missed_targets_and_names_failed_steps(tmp_path):
 
 
 def test_report_draws_the_latency_table(tmp_path):
-    outcomes = [Outcome("talk", "done", result={"latency_ms": {"encoder": 40.0, "LLM prefill": 120.0},
-                                                "endpoint_delay_ms": 320.0})]
+    talk = {"n": 4, "answered": 3, "dropped": 1, "undecided": 0, "text_accuracy": 0.5, "speech_accuracy": 0.25,
+            "speech_wer": 0.6, "reference_accuracy": 1.0, "endpoint_delay_ms": 320.0, "endpoint_delay_p90_ms": 480.0,
+            "answered_before_speech_end": 0, "rtf": 0.5, "compiles_after_warm_up": 0, "wav_dir": "talk/wavs",
+            "latency_ms": {"encoder": {"avg": 40.0, "p50": 38.0, "p90": 55.0},
+                           "LLM prefill": {"avg": 120.0, "p50": 110.0, "p90": 150.0}}}
+    outcomes = [Outcome("talk", "done", result=talk)]
     paths = write_report(tmp_path, RunInfo(tmp_path, quick=True, outcomes=outcomes, budget_s=600))
     md = paths["markdown"].read_text()
-    assert "| LLM prefill | 120 |" in md and "Endpoint delay (after the user stops speaking): 320 ms." in md
+    assert "| LLM prefill | 120 | 110 | 150 |" in md
+    assert "Endpoint delay (after the user stops speaking): 320 ms average, 480 ms p90" in md
+    assert "Speech in -> speech out (pocketsphinx on the spoken answers): **25.0 %**" in md
+    assert "answered 3, dropped 1, undecided 0" in md
     assert (tmp_path / "plots" / "latency.png").stat().st_size > 1000

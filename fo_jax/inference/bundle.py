@@ -17,6 +17,9 @@ Native layout (``save_bundle``; needs no torch, loads without conversion)::
                          decoder, codec configs}, "server": {server.json keys}, "chat_template": ...}
   params.safetensors    our param trees, flat keys "audiollm/encoder/...", "decoder/...", "codec/..."
                         (codec: decoding side, weight norm folded; the LLM is not in this file)
+
+The codec section is TiCodec's, or (``"kind": "mel_vq"``) the toy world's fast mel codec
+(``fo_jax.models.mel_codec``), whose only tensor is ``codec/codebook``.
   llm/                  optional HF Qwen2 directory (weights + tokenizer); else pass ``llm_path``
 
 Either way the LLM and the tokenizer come from a HF Qwen2 directory, as in the release.
@@ -43,10 +46,11 @@ from fo_jax.conversion.official_audiollm import configs_from_train_yaml, load_of
 from fo_jax.conversion.official_audiollm_heads import HEADS_TABLE, convert_audiollm
 from fo_jax.conversion.official_codec import load_codec_config, load_official_codec
 from fo_jax.conversion.safetensors_io import read_safetensors, write_safetensors
-from fo_jax.errors import ConfigError, LoadError
+from fo_jax.errors import ConfigError, FoJaxError, LoadError
 from fo_jax.inference.speech_decoder import TokenSampling
 from fo_jax.inference.vocoder_stream import VocoderStreamConfig
 from fo_jax.models import audio_llm, codec, speech_decoder
+from fo_jax.models.mel_codec import MelVQCodec, MelVQConfig
 from fo_jax.models.configs import (AdapterConfig, CodecConfig, EncoderConfig, LLMConfig, ModelConfig,
                                    SpeechDecoderConfig, to_dtype)
 
@@ -120,7 +124,7 @@ class Bundle:
     Attributes:
       config: the whole model's config.
       params: {"audiollm": AudioLLM tree (the LLM under "llm"), "decoder": speech-decoder params,
-        "codec": TiCodec "params" collection, weight norm folded}.
+        "codec": TiCodec "params" collection, weight norm folded (mel codec: {"codebook"})}.
       server: streaming settings.
       llm_path: the HF Qwen2 directory (LLM weights and tokenizer); None for bundles built in memory.
       chat_template: the template text with one ``<audio>`` (None: Qwen ChatML's default).
@@ -264,10 +268,29 @@ def expected_shapes(config: ModelConfig) -> dict:
     key = jax.random.key(0)
     audio = jax.eval_shape(lambda k: nn.unbox(audio_llm.init_params(config, k)), key)
     audio.pop("llm")
+    if isinstance(config.codec, MelVQConfig):
+        c = config.codec
+        codec_shapes = {"codebook": jax.ShapeDtypeStruct((c.n_codes, c.frames_per_token * c.n_mels), np.float32)}
+    else:
+        codec_shapes = _decode_side(jax.eval_shape(lambda k: codec.fold_weight_norm(nn.unbox(
+            codec.init_variables(config.codec, k))["params"]), key))
     return {"audiollm": audio,
             "decoder": jax.eval_shape(lambda k: nn.unbox(speech_decoder.init_params(config.decoder, k)), key),
-            "codec": _decode_side(jax.eval_shape(lambda k: codec.fold_weight_norm(nn.unbox(
-                codec.init_variables(config.codec, k))["params"]), key))}
+            "codec": codec_shapes}
+
+
+def _codec_section(config: CodecConfig | MelVQConfig) -> dict[str, Any]:
+    """The bundle file's codec section (the mel codec's carries its kind)."""
+    if isinstance(config, MelVQConfig):
+        return {"kind": MelVQCodec.KIND, **dataclasses.asdict(config)}
+    return dataclasses.asdict(config)
+
+
+def _codec_config(section: Mapping[str, Any]) -> CodecConfig | MelVQConfig:
+    """Inverse of ``_codec_section`` (raises FoJaxError / TypeError on bad fields)."""
+    if section.get("kind") == MelVQCodec.KIND:
+        return MelVQConfig(**{k: v for k, v in section.items() if k != "kind"})
+    return CodecConfig.from_dict(section)
 
 
 def _decode_side(codec_params: Mapping) -> dict:
@@ -295,12 +318,13 @@ def _load_native(model_path: Path, llm_path: Path, dtype: str, llm_cfg: LLMConfi
     if meta.get("version") != VERSION:
         raise LoadError(f"{meta_file}: bundle version {meta.get('version')!r}, this fo_jax reads version {VERSION}")
     model = meta.get("model") or {}
-    parts = {"encoder": EncoderConfig, "adapter": AdapterConfig, "decoder": SpeechDecoderConfig, "codec": CodecConfig}
+    parts = {"encoder": EncoderConfig.from_dict, "adapter": AdapterConfig.from_dict,
+             "decoder": SpeechDecoderConfig.from_dict, "codec": _codec_config}
     try:
-        kw = {name: cls.from_dict(model[name]) for name, cls in parts.items()}
+        kw = {name: parse(model[name]) for name, parse in parts.items()}
     except KeyError as e:
         raise LoadError(f"{meta_file}: model section {e} missing") from None
-    except (ConfigError, TypeError) as e:
+    except (FoJaxError, TypeError) as e:
         raise LoadError(f"{meta_file}: {e}") from None
     config = _checked(ModelConfig(llm=llm_cfg, **kw), str(meta_file))
     server = ServerSettings.from_dict(meta.get("server") or {}, f"{meta_file} (server)")
@@ -337,15 +361,17 @@ def save_bundle(directory: str | os.PathLike, config: ModelConfig, params: Mappi
         raise ValueError(f"save_bundle: params lack {missing}")
     audio = {k: v for k, v in params["audiollm"].items() if k != "llm"}
     tree = jax.tree.map(np.asarray, {"audiollm": audio, "decoder": params["decoder"], "codec": params["codec"]})
-    tree["codec"] = codec.fold_weight_norm(_decode_side(tree["codec"]))
+    if not isinstance(config.codec, MelVQConfig):
+        tree["codec"] = codec.fold_weight_norm(_decode_side(tree["codec"]))
     _check_params(tree, config, "save_bundle")
     if tokenizer is not None:
         save_hf_qwen2(directory / LLM_DIR, config.llm, params["audiollm"]["llm"])
         tokenizer.save_pretrained(str(directory / LLM_DIR))
     write_safetensors(directory / PARAMS_FILE, _flatten(tree), {"format": FORMAT})
     meta = {"format": FORMAT, "version": VERSION,
-            "model": {name: dataclasses.asdict(getattr(config, name)) for name in ("encoder", "adapter", "decoder",
-                                                                                  "codec")},
+            "model": {**{name: dataclasses.asdict(getattr(config, name)) for name in ("encoder", "adapter",
+                                                                                     "decoder")},
+                      "codec": _codec_section(config.codec)},
             "server": server.to_dict(), "chat_template": chat_template}
     (directory / BUNDLE_FILE).write_text(json.dumps(meta, indent=2))  # last: marks a complete bundle
     return directory

@@ -51,6 +51,7 @@ from fo_jax.inference.vocoder_stream import finish_segment, push_tokens, start_s
 from fo_jax.layers.kv_cache import KVCache
 from fo_jax.models.audio_llm import ChatTemplate
 from fo_jax.models.codec import decode_chunk, inference_global_tokens
+from fo_jax.models.mel_codec import MelVQCodec, MelVQConfig
 from fo_jax.runtime import CompileCounter
 from fo_jax.text.tokenizer import load_tokenizer
 
@@ -140,7 +141,10 @@ class Engine:
         v = self.vocoder
         self.windows = tuple(sorted({v.first_chunk_size + v.overlap_size, v.first_chunk_size + 2 * v.overlap_size,
                                      v.chunk_size + v.overlap_size, v.chunk_size + 2 * v.overlap_size}))
-        self.global_tokens = inference_global_tokens(cfg.codec)
+        if isinstance(cfg.codec, MelVQConfig):  # the toy's fast codec: numpy Griffin-Lim, nothing to compile
+            self.mel_codec = MelVQCodec(cfg.codec, np.asarray(bundle.params["codec"]["codebook"]))
+        else:
+            self.mel_codec, self.global_tokens = None, inference_global_tokens(cfg.codec)
         self.compiles = CompileCounter()
         self.warm_up_compiles: dict[tuple[str, int], int] = {}
         self._systems: dict[str, tuple[ChatTemplate, KVCache]] = {}
@@ -157,6 +161,8 @@ class Engine:
         t = len(tokens)
         size = next((w for w in self.windows if w >= t), t)
         padded = np.concatenate([tokens, np.full(size - t, tokens[-1], np.int32)]).astype(np.int32)
+        if self.mel_codec is not None:
+            return self.mel_codec.decode(padded)[:t * self.cfg.codec.samples_per_token]
         out = decode_chunk(self.codec_params, jnp.asarray(padded[None]), self.global_tokens, config=self.cfg.codec)
         return np.asarray(out)[0, :t * self.cfg.codec.samples_per_token]
 
@@ -179,7 +185,7 @@ class Engine:
         # Whatever the random draws above did: every session event, both speak programs (the
         # narrow one runs on a row that does not speak), every decoder bucket, the AR loop.
         sess = conv.session
-        for event in (Event.VAD_START, Event.END_OF_INPUT, Event.INTERRUPTED):
+        for event in (Event.VAD_START, Event.END_OF_INPUT, Event.INTERRUPTED, Event.VAD_END):
             sess = S.apply_event(sess, event)
         for _ in range(2):
             sess, _, _ = S.speak(self.params, sess, _step_keys(conv._key, np.int32(0)), cfg=self.cfg,
@@ -243,10 +249,11 @@ class Reply:
       interrupted / finished: how and whether it ended.
     """
 
-    def __init__(self, conversation: "Conversation", decided_at: float, max_tokens: int):
+    def __init__(self, conversation: "Conversation", decided_at: float, max_tokens: int, speech: bool = True):
         self.conversation = conversation
         self.decided_at = decided_at
         self.max_tokens = max_tokens
+        self.speech = speech
         self.token_ids: list[int] = []
         self.segments: list[SpokenSegment] = []
         self.spoken_tokens = 0
@@ -400,14 +407,16 @@ class Conversation:
         self.chunks_heard += 1
         return probs
 
-    def respond(self, max_tokens: int | None = None, force_tokens: Sequence[int] | None = None) -> Reply:
+    def respond(self, max_tokens: int | None = None, force_tokens: Sequence[int] | None = None,
+                speech: bool = True) -> Reply:
         """Ends listening (the rest of a chunk is zero-padded and heard, as the release pads its input)
         unless the state head already chose to speak, and starts the answer of at most ``max_tokens``
         text tokens (default ``EngineOptions.max_answer_tokens``).
 
         ``force_tokens``: the answer's text tokens, fed instead of the sampled ones (the LLM still
         runs every step and its hidden states drive the speech decoder, as in the paper's
-        output-speech evaluation); the answer ends after them.
+        output-speech evaluation); the answer ends after them. ``speech=False``: text only (the
+        reply yields no audio; the speech-in -> text-out evaluation).
 
         Raises FoJaxError when nothing was heard or the state head dropped the turn.
         """
@@ -425,9 +434,18 @@ class Conversation:
         limit = max_tokens or self.engine.options.max_answer_tokens
         if force_tokens is not None:
             limit = min(limit, len(force_tokens))
-        self.reply = Reply(self, self._decided_at, limit)
+        self.reply = Reply(self, self._decided_at, limit, speech)
         self._forced = list(force_tokens) if force_tokens is not None else None
         return self.reply
+
+    def ignore(self) -> None:
+        """The turn being heard was not addressed to the assistant: drop it from the context, as the
+        state head's "stop listening" does (the rest of a chunk is dropped too; the next ``listen``
+        opens a new turn)."""
+        self._check_idle()
+        if self.state in (State.SL, State.CL):
+            self.session = S.apply_event(self.session, Event.VAD_END)
+        self._pending = np.zeros(0, np.float32)
 
     def interrupt(self) -> Reply | None:
         """Stops the reply in progress at once (text, speech decoding, vocoding) and returns it.
@@ -479,6 +497,8 @@ class Conversation:
                     break
                 reply.token_ids.append(token)
                 hiddens.append(hidden)
+                if not reply.speech:
+                    continue
                 if seg is None:  # the 'ss' step's token: held, its text is checked with the next one
                     seg = ts.start(0)
                     continue

@@ -377,10 +377,14 @@ class CodecConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """The whole Freeze-Omni model: frozen LLM + speech in + speech out."""
+    """The whole Freeze-Omni model: frozen LLM + speech in + speech out.
+
+    ``codec`` is TiCodec's config, or a ``fo_jax.models.mel_codec.MelVQConfig`` (the toy world's
+    fast codec: same token rate and vocabulary, a codebook instead of a generator).
+    """
 
     llm: LLMConfig = LLMConfig()
     encoder: EncoderConfig = EncoderConfig()
     adapter: AdapterConfig = AdapterConfig()
     decoder: SpeechDecoderConfig = SpeechDecoderConfig()
-    codec: CodecConfig = CodecConfig()
+    codec: CodecConfig | Any = CodecConfig()

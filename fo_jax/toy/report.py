@@ -7,11 +7,12 @@ FAIL against the threshold of the run's mode (full or quick), or NOT RUN with th
 that failed, or one that does not exist yet). Nothing is filled in for a step that did not run.
 
 Result fields the targets read (the contract for the steps that produce them):
-  text_eval.accuracy; speech_in_eval.accuracy; asr_eval.wer; state_eval.final_chunk_accuracy;
-  speech_out_eval.accuracy and .reference_accuracy; llm.fingerprint and checks.llm_fingerprint_now;
-  talk.latency_ms ({component: ms}) and talk.endpoint_delay_ms. Any result with a ``metrics``
-  field (a metrics.jsonl path relative to the workdir, lines {"step", "loss", ...}) gets a loss plot
-  of its ``metrics_key`` (default "loss"), the y axis labelled ``metrics_label``.
+  text_eval.accuracy; speech_in_eval.accuracy; speech_in_ctc.asr.wer and speech_in_llm.asr.wer;
+  state_eval.final_chunk_accuracy; speech_out_eval.accuracy and .reference_accuracy;
+  llm.fingerprint and checks.llm_fingerprint_now. The talk section reads talk.latency_ms
+  ({component: {"avg", "p50", "p90"}} in ms) and talk.endpoint_delay_ms. Any result with a
+  ``metrics`` field (a metrics.jsonl path relative to the workdir, lines {"step", "loss", ...}) gets
+  a loss plot of its ``metrics_key`` (default "loss"), the y axis labelled ``metrics_label``.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ import json
 import os
 from pathlib import Path
 from typing import Any, Sequence
+
+import numpy as np
 
 from fo_jax.toy.steps import Outcome
 
@@ -102,7 +105,8 @@ TARGETS = (
     Target("frozen LLM text-QA accuracy (test split)", "text_eval.accuracy", (">=", 0.95), (">=", 0.25)),
     Target("speech-in -> text-out accuracy", "speech_in_eval.accuracy", ("within", 0.05), (">", 0.0),
            "text_eval.accuracy", "text"),
-    Target("ASR WER, stage 1/2 (test split)", "asr_eval.wer", ("<=", 0.10), ("<", 0.60)),
+    Target("ASR WER, stage 1 (CTC greedy, test split)", "speech_in_ctc.asr.wer", ("<=", 0.10), ("<", 0.60)),
+    Target("ASR WER, stage 2 (LLM transcript, test split)", "speech_in_llm.asr.wer", ("<=", 0.10), ("<", 0.60)),
     Target("state head correct on the final chunk", "state_eval.final_chunk_accuracy", (">=", 0.95), (">=", 0.5)),
     Target("speech-out answers recognized (pocketsphinx)", "speech_out_eval.accuracy", ("within", 0.15), (">", 0.0),
            "speech_out_eval.reference_accuracy", "reference TTS"),
@@ -183,8 +187,8 @@ def plot_losses(curves: dict[str, tuple[str, list[dict[str, float]]]], path: Pat
     plt.close(fig)
 
 
-def plot_latency(latency_ms: dict[str, float], path: Path) -> None:
-    """Horizontal bars: one per latency component (ms)."""
+def plot_latency(latency_ms: dict[str, dict[str, float]], path: Path) -> None:
+    """Horizontal bars: one per latency component (its average, ms), p90 as the error bar's end."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -192,7 +196,9 @@ def plot_latency(latency_ms: dict[str, float], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(6, 0.5 * len(latency_ms) + 1))
     names = list(latency_ms)
-    ax.barh(names, [latency_ms[n] for n in names], color="tab:orange")
+    avg = np.asarray([latency_ms[n]["avg"] for n in names])
+    p90 = np.asarray([latency_ms[n]["p90"] for n in names])
+    ax.barh(names, avg, xerr=[np.zeros_like(avg), np.maximum(p90 - avg, 0)], color="tab:orange", capsize=3)
     ax.invert_yaxis()
     ax.set_xlabel("ms")
     ax.grid(axis="x", alpha=0.3)
@@ -267,21 +273,96 @@ def _codec_section(run: RunInfo) -> list[str]:
     return lines
 
 
-def _pending_section(run: RunInfo, title: str, name: str) -> list[str]:
-    return [f"## {title}", ""] + (["See the targets above.", ""] if name in run.results else _not_run(run, name))
+def _speech_in_section(run: RunInfo) -> list[str]:
+    r = run.results
+    lines = ["## Speech in (ASR, speech in -> text out, state head)", ""]
+    rows = [{"stage": title, "WER": _pct(res["asr"]["wer"]), "sentences exact": _pct(res["asr"]["sentence_accuracy"]),
+             "n": res["asr"]["n"], "steps": res["steps"]}
+            for name, title in (("speech_in_ctc", "1: encoder + CTC, greedy"),
+                                ("speech_in_llm", "2: encoder + adapter -> frozen LLM, greedy transcript"))
+            if (res := r.get(name)) is not None]
+    if rows:
+        lines += ["ASR on the held-out test utterances (several voices, speeds, pitches):", ""]
+        lines += _table(rows, ("stage", "WER", "sentences exact", "n", "steps")) + [""]
+        errors = [{"stage": name[-3:], **e} for name in ("speech_in_ctc", "speech_in_llm") if name in r
+                  for e in r[name]["asr"]["errors"][:4]]
+        lines += _table(errors, ("stage", "text", "heard")) + [""] if errors else []
+    else:
+        lines += _not_run(run, "speech_in_ctc")
+    ev = r.get("speech_in_eval")
+    if ev is None:
+        lines += _not_run(run, "speech_in_eval")
+    else:
+        text = r.get("text_eval", {}).get("accuracy")
+        lines += [f"Speech in -> text out (streaming pipeline, whole question heard, greedy answer): "
+                  f"**{_pct(ev['accuracy'])}** of {ev['n']} spoken test questions"
+                  + (f" (the frozen LLM on their text: {_pct(text)})" if text is not None else "")
+                  + f"; recompilations after warm-up: {ev['compiles_after_warm_up']}.", ""]
+        lines += _table([{"category": c, "accuracy": _pct(a)} for c, a in ev["by_category"].items()],
+                        ("category", "accuracy")) + [""]
+        if ev["errors"]:
+            lines += _table(ev["errors"][:8], ("question", "expected", "answer")) + [""]
+    st = r.get("state_eval")
+    if st is None:
+        lines += _not_run(run, "state_eval")
+    else:
+        part = ", ".join(f"{k} {_pct(st[k + '_accuracy'])}" for k in ("addressed", "aside")
+                         if st.get(k + "_accuracy") is not None)
+        lines += [f"State head on the final chunk of every test dialogue turn: **{_pct(st['final_chunk_accuracy'])}** "
+                  f"of {st['n']} turns ({part}); turns where it left 'listen' before the final chunk: "
+                  f"{st['turns_deciding_early']}.", ""]
+    return lines
 
 
-def _latency_section(run: RunInfo, plots: dict[str, str]) -> list[str]:
-    lines = ["## Talking: latency (the paper's breakdown)", ""]
-    talk = run.results.get("talk")
-    if talk is None or "latency_ms" not in talk:
-        return lines + _not_run(run, "talk")
-    lines += _table([{"component": k, "ms": f"{v:.0f}"} for k, v in talk["latency_ms"].items()],
-                    ("component", "ms")) + [""]
-    if "endpoint_delay_ms" in talk:
-        lines += [f"Endpoint delay (after the user stops speaking): {talk['endpoint_delay_ms']:.0f} ms.", ""]
+def _section(run: RunInfo, title: str, name: str) -> tuple[list[str], dict[str, Any] | None]:
+    """A section's heading and step ``name``'s result (None: the heading says why it did not run)."""
+    result = run.results.get(name)
+    return [f"## {title}", ""] + ([] if result is not None else _not_run(run, name)), result
+
+
+def _speech_out_section(run: RunInfo) -> list[str]:
+    lines, ev = _section(run, "Speech out (decoder, prefix decoder, fast codec)", "speech_out_eval")
+    if ev is None:
+        return lines
+    lines += [f"Each test question heard, then its reference answer's text forced through the frozen LLM (as the "
+              f"paper's output-speech evaluation); its hidden states and tokens drive the trained speech decoder, "
+              f"the fast codec speaks. pocketsphinx transcribes the {ev['n']} answers:", ""]
+    lines += _table([{"audio": "reference TTS (assistant voice)", "WER": _pct(ev["reference_wer"]),
+                      "answers recognized": _pct(ev["reference_accuracy"])},
+                     {"audio": "spoken by the toy model", "WER": _pct(ev["wer"]),
+                      "answers recognized": _pct(ev["accuracy"])}], ("audio", "WER", "answers recognized")) + [""]
+    if ev.get("examples"):
+        lines += _table(ev["examples"], ("answer", "heard", "reference_heard")) + [""]
+    if ev.get("wav_dir"):
+        lines += [f"Listen: `{ev['wav_dir']}` (`NN_generated.wav` next to `NN_reference.wav`).", ""]
+    return lines
+
+
+def _talk_section(run: RunInfo, plots: dict[str, str]) -> list[str]:
+    lines, talk = _section(run, "Talking (duplex, streaming): accuracy, endpoint delay, latency", "talk")
+    if talk is None:
+        return lines
+    lines += [f"{talk['n']} test questions, each followed by silence; the state head decides when to answer: "
+              f"answered {talk['answered']}, dropped {talk['dropped']}, undecided {talk['undecided']}. "
+              f"Text answers correct: {_pct(talk['text_accuracy'])}. Speech in -> speech out (pocketsphinx on the "
+              f"spoken answers): **{_pct(talk['speech_accuracy'])}** (WER {_pct(talk['speech_wer'])}); on the "
+              f"reference TTS of the same answers: {_pct(talk['reference_accuracy'])}.", ""]
+    if talk.get("endpoint_delay_ms") is not None:
+        lines += [f"Endpoint delay (after the user stops speaking): {talk['endpoint_delay_ms']:.0f} ms average, "
+                  f"{talk['endpoint_delay_p90_ms']:.0f} ms p90 (decisions at 160 ms chunk ends; answered before the "
+                  f"speech ended: {talk['answered_before_speech_end']}).", ""]
+    if talk.get("latency_ms"):
+        lines += ["Latency from the speak decision (ms, the paper's breakdown):", ""]
+        lines += _table([{"component": k, "avg": f"{v['avg']:.0f}", "p50": f"{v['p50']:.0f}", "p90": f"{v['p90']:.0f}"}
+                         for k, v in talk["latency_ms"].items()], ("component", "avg", "p50", "p90")) + [""]
+    if talk.get("rtf") is not None:
+        lines += [f"Real-time factor of speaking (busy time / audio time): {talk['rtf']:.2f}; recompilations after "
+                  f"warm-up: {talk['compiles_after_warm_up']}.", ""]
     if "latency" in plots:
         lines += [f"![latency]({plots['latency']})", ""]
+    if talk.get("wav_dir"):
+        lines += [f"Listen: `{talk['wav_dir']}` (`NN_question.wav`, 16 kHz, and `NN_answer.wav`, 24 kHz; "
+                  "`turns.jsonl` has each turn's text, decision, delay and latency).", ""]
     return lines
 
 
@@ -307,9 +388,7 @@ def render_markdown(run: RunInfo, targets: list[dict[str, str]], plots: dict[str
                   + f". Manifests: `{data['manifests']}`. Clips synthesized by this step: {made} (the others came "
                   "from the clip cache, which makes the step's time shorter than a fresh build's).", ""]
     lines += _llm_section(run) + _codec_section(run)
-    lines += _pending_section(run, "Speech in (ASR, LLM input, state head)", "speech_in_eval")
-    lines += _pending_section(run, "Speech out (decoder, prefix decoder)", "speech_out_eval")
-    lines += _latency_section(run, plots)
+    lines += _speech_in_section(run) + _speech_out_section(run) + _talk_section(run, plots)
     if "losses" in plots:
         lines += ["## Training losses", "", f"![losses]({plots['losses']})", ""]
     return "\n".join(lines)

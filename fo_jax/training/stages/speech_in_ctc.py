@@ -60,8 +60,9 @@ class SpeechInCTCStage:
     def load_params(self, rng):
         params = nn.unbox(self.init_boxed(rng))
         stats = cmvn_stats_of(self.records[: self.cmvn_utterances], self.base)
-        # The statistics are frozen (not in checkpoints): the run's meta carries them to later stages.
-        self.meta = {"cmvn_stats": stats}
+        # The statistics are frozen (not in checkpoints): the run's meta carries them to later stages,
+        # and the CTC vocabulary to whoever decodes the head.
+        self.meta = {"cmvn_stats": stats, "vocab": list(self.vocab.chars)}
         params["encoder"] = {**params["encoder"], **cmvn_params(stats)}
         return params
 

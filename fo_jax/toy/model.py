@@ -1,0 +1,51 @@
+"""The trained toy model as a native bundle (``fo_jax.inference.bundle``): what ``fo-jax infer``
+and the toy's talking steps load.
+
+Assembled from the stages' runs: the frozen LLM (HF directory, copied into ``llm/`` with its
+tokenizer), speech-in 2 (encoder, adapter, task embeddings, CMVN), speech-in 3 (prompt embeddings,
+state head), speech-out 2 (pre-network and shared decoder), speech-out 3 (prefix stack) and the
+fast mel codec. Each part's config comes from the run that trained it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+import ml_collections
+
+from fo_jax.config import model_config
+from fo_jax.inference.bundle import save_bundle
+from fo_jax.models.configs import SpeechDecoderConfig
+from fo_jax.models.mel_codec import MelVQCodec
+from fo_jax.toy.speech_in import speech_llm
+from fo_jax.training.checkpoint import load_trained
+from fo_jax.training.freeze import flatten, unflatten
+
+
+def trained_decoder(decoder_run: str | os.PathLike, prefix_run: str | os.PathLike,
+                    llm_hidden_size: int) -> tuple[SpeechDecoderConfig, dict]:
+    """The speech decoder of a ``speech_decoder`` run completed by a ``speech_prefix`` run's prefix stack."""
+    shared, _ = load_trained(decoder_run)
+    prefix, meta = load_trained(prefix_run)
+    config = dataclasses.replace(model_config(ml_collections.ConfigDict(meta["config"])).decoder,
+                                 llm_hidden_size=llm_hidden_size, use_prefix=True)
+    return config, unflatten(flatten(shared["decoder"]) | flatten(prefix["decoder"]))
+
+
+def write_bundle(out_dir: str | os.PathLike, llm_path: str | os.PathLike, runs: dict[str, str | os.PathLike],
+                 codec_dir: str | os.PathLike) -> Path:
+    """Writes the native bundle (LLM inside, in ``out_dir/llm``).
+
+    Args:
+      runs: workdirs of the "speech_in_llm", "speech_in_dialogue", "speech_decoder" and
+        "speech_prefix" runs.
+      codec_dir: the fast mel codec (``MelVQCodec.save``).
+    """
+    stage, model, audio = speech_llm(llm_path, runs["speech_in_llm"], runs["speech_in_dialogue"])
+    decoder, decoder_params = trained_decoder(runs["speech_decoder"], runs["speech_prefix"], model.llm.hidden_size)
+    codec = MelVQCodec.load(codec_dir)
+    config = dataclasses.replace(model, decoder=decoder, codec=codec.config)
+    return save_bundle(out_dir, config, {"audiollm": audio, "decoder": decoder_params,
+                                         "codec": {"codebook": codec.codebook}}, tokenizer=stage.llm.tokenizer)

@@ -1,0 +1,236 @@
+"""Evaluations of the trained toy model through the inference pipeline (``Engine``, ``Conversation``),
+i.e. the streaming program a user talks to, on the held-out test split.
+
+- ``speech_in_eval``: each spoken test question through the listen path (the whole question, no
+  early decision), then a greedy text answer: speech-in -> text-out accuracy.
+- ``state_eval``: each test dialogue turn by turn, as stage 3 lays it out (addressed turns followed
+  by their reference answers, asides dropped); the state head's decision on each turn's final
+  chunk against its label (addressed -> start speaking, aside -> stop listening).
+- ``speech_out_eval``: the paper's output-speech check: the reference answer's text is forced, the
+  LLM's hidden states and the re-tokenised text drive the speech decoder, the codec speaks; an
+  independent recognizer (pocketsphinx) transcribes it, next to its score on the reference TTS audio.
+- ``talk``: duplex conversations, one per test question: the question then silence, the state head
+  decides when to answer (endpoint delay: ms of input after the user stopped speaking), the greedy
+  answer is spoken; wavs, the paper's latency table and speech-in -> speech-out accuracy.
+
+Answers are scored with ``fo_jax.toy.world.answer_matches`` (the whole sentence).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from fo_jax.audio.fbank import CHUNK_SAMPLES
+from fo_jax.audio.io import load_audio, resample, write_wav
+from fo_jax.data.manifest import read_manifest, resolve
+from fo_jax.inference.bundle import load_bundle
+from fo_jax.inference.dialogue import State
+from fo_jax.inference.pipeline import CHUNK_SECONDS, DEFAULT_ROLE, Conversation, Engine, EngineOptions
+from fo_jax.inference.sampling import SamplingConfig
+from fo_jax.models.audio_llm import HEAD_START_SPEAKING, HEAD_STOP_LISTENING, decide
+from fo_jax.toy.synth import USER_RATE, recognize, wer
+from fo_jax.toy.world import answer_matches
+
+MAX_LEN = 512  # LLM positions of a conversation: the longest test dialogue with its answers fits
+MAX_SPEECH_TOKENS = 240  # codec tokens per text segment (6 s; the longest answer is ~3.5 s)
+SILENCE_SECONDS = 1.0  # silence after a question in duplex mode, for the state head to decide in
+
+
+def load_engine(model_dir: str | os.PathLike) -> Engine:
+    """The bundle in ``model_dir`` ready to talk: greedy text, the bundle's speech-decoder sampling."""
+    return Engine(load_bundle(model_dir), EngineOptions(sampling=SamplingConfig(top_k=1),
+                                                        max_speech_tokens=MAX_SPEECH_TOKENS))
+
+
+def whole_chunks(samples: np.ndarray, extra_seconds: float = 0.0) -> np.ndarray:
+    """16 kHz samples zero-padded to whole 160 ms chunks, plus ``extra_seconds`` of silence."""
+    n = -(-len(samples) // CHUNK_SAMPLES) * CHUNK_SAMPLES + int(round(extra_seconds / CHUNK_SECONDS)) * CHUNK_SAMPLES
+    return np.pad(np.asarray(samples, np.float32), (0, n - len(samples)))
+
+
+def endpoint_delay_ms(chunks_heard: int, speech_end: float) -> float:
+    """ms of input between the end of the user's speech (``speech_end``, seconds into the clip) and
+    the state head's decision, made at the end of the ``chunks_heard``-th 160 ms chunk (negative:
+    it decided to answer before the user stopped)."""
+    return 1e3 * (chunks_heard * CHUNK_SECONDS - speech_end)
+
+
+def _records(manifest: str | os.PathLike) -> tuple[list[dict], Path]:
+    return read_manifest(manifest), Path(manifest).resolve().parent
+
+
+def _user_audio(record: dict, base: Path) -> np.ndarray:
+    return load_audio(resolve(record["audio"], base), sample_rate=USER_RATE)[0]
+
+
+def _bar(items: Sequence, desc: str, progress: bool):
+    from tqdm import tqdm
+
+    return tqdm(items, desc=desc, unit="utt", disable=not progress)
+
+
+def _conversation(engine: Engine, seed: int = 0) -> Conversation:
+    return Conversation(engine, system_role=DEFAULT_ROLE, max_len=MAX_LEN, seed=seed)
+
+
+def _accuracy(records: list[dict], ok: list[bool]) -> dict[str, Any]:
+    by_cat = defaultdict(list)
+    for r, good in zip(records, ok):
+        by_cat[r.get("category", "all")].append(good)
+    return {"accuracy": float(np.mean(ok)) if ok else 0.0, "n": len(ok),
+            "by_category": {c: float(np.mean(v)) for c, v in sorted(by_cat.items())}}
+
+
+def speech_in_eval(engine: Engine, test_qa: str | os.PathLike, progress: bool = True) -> dict[str, Any]:
+    """Speech-in -> text-out accuracy on the spoken test questions (``test_qa.jsonl``)."""
+    records, base = _records(test_qa)
+    answers = []
+    engine.warm_up(MAX_LEN, DEFAULT_ROLE)
+    warm = engine.compiles.count
+    for r in _bar(records, "speech in -> text out", progress):
+        conv = _conversation(engine)
+        conv.listen(whole_chunks(_user_audio(r, base)), decide=False)
+        reply = conv.respond(speech=False)
+        reply.read()
+        answers.append(reply.text.strip())
+    ok = [answer_matches(a, r["answer"]) for a, r in zip(answers, records)]
+    return {**_accuracy(records, ok), "compiles_after_warm_up": engine.compiles.count - warm,
+            "errors": [{"question": r["text"], "expected": r["answer"], "answer": a}
+                       for r, a, good in zip(records, answers, ok) if not good]}
+
+
+def state_eval(engine: Engine, dialogues_test: str | os.PathLike, progress: bool = True) -> dict[str, Any]:
+    """State-head decisions on the final chunk of every test dialogue turn (``dialogues_test.jsonl``).
+
+    Each turn is heard whole without deciding (as stage 3 trains: one label per chunk); then, as in
+    training, an addressed turn is followed by its reference answer (forced text) and an aside is
+    dropped from the context.
+    """
+    records, base = _records(dialogues_test)
+    rows = []
+    for d in _bar(records, "state head", progress):
+        conv = _conversation(engine)
+        for turn in d["turns"]:
+            probs = conv.listen(whole_chunks(_user_audio(turn, base)), decide=False)
+            head = int(decide(probs[-1]))
+            want = HEAD_START_SPEAKING if turn["addressed"] else HEAD_STOP_LISTENING
+            rows.append({"text": turn["text"], "addressed": turn["addressed"], "head": head, "ok": head == want,
+                         "early": int(np.sum(np.asarray(decide(probs[:-1])) != 0))})
+            if turn["addressed"]:
+                ids = engine.tokenizer(turn["answer"], add_special_tokens=False)["input_ids"]
+                conv.respond(force_tokens=ids, speech=False).read()
+            else:
+                conv.ignore()
+    addressed = [r["ok"] for r in rows if r["addressed"]]
+    asides = [r["ok"] for r in rows if not r["addressed"]]
+    return {"final_chunk_accuracy": float(np.mean([r["ok"] for r in rows])), "n": len(rows),
+            "addressed_accuracy": float(np.mean(addressed)) if addressed else None,
+            "aside_accuracy": float(np.mean(asides)) if asides else None,
+            "turns_deciding_early": sum(r["early"] > 0 for r in rows),
+            "errors": [r for r in rows if not r["ok"]][:10]}
+
+
+def _recognized(audio_24k: np.ndarray, rate: int, lm: str | os.PathLike) -> str:
+    return recognize(resample(audio_24k, rate, USER_RATE), lm) if len(audio_24k) else ""
+
+
+def speech_scores(answers: list[str], heard: list[str], reference_heard: list[str]) -> dict[str, Any]:
+    def score(hyps: list[str]) -> dict[str, float]:
+        return {"wer": wer(answers, hyps),
+                "accuracy": float(np.mean([answer_matches(h, a) for h, a in zip(hyps, answers)]))}
+
+    generated, reference = score(heard), score(reference_heard)
+    return {"accuracy": generated["accuracy"], "wer": generated["wer"],
+            "reference_accuracy": reference["accuracy"], "reference_wer": reference["wer"]}
+
+
+def speech_out_eval(engine: Engine, test_qa: str | os.PathLike, lm: str | os.PathLike, wav_dir: str | os.PathLike,
+                    n_wavs: int = 4, progress: bool = True) -> dict[str, Any]:
+    """pocketsphinx on the spoken reference answers (text forced) vs on their reference TTS audio."""
+    records, base = _records(test_qa)
+    wav_dir = Path(wav_dir)
+    wav_dir.mkdir(parents=True, exist_ok=True)
+    rate = engine.vocoder.sample_rate
+    heard, reference_heard, examples = [], [], []
+    for i, r in enumerate(_bar(records, "speech out (forced answers)", progress)):
+        conv = _conversation(engine, seed=i)
+        conv.listen(whole_chunks(_user_audio(r, base)), decide=False)
+        ids = engine.tokenizer(r["answer"], add_special_tokens=False)["input_ids"]
+        audio = conv.respond(force_tokens=ids).read()
+        reference = load_audio(resolve(r["answer_audio"], base), sample_rate=rate)[0]
+        heard.append(_recognized(audio, rate, lm))
+        reference_heard.append(_recognized(reference, rate, lm))
+        if i < n_wavs:
+            write_wav(wav_dir / f"{i:02d}_generated.wav", audio, rate)
+            write_wav(wav_dir / f"{i:02d}_reference.wav", reference, rate)
+            examples.append({"answer": r["answer"], "heard": heard[-1], "reference_heard": reference_heard[-1]})
+    answers = [r["answer"] for r in records]
+    return {**speech_scores(answers, heard, reference_heard), "n": len(records), "examples": examples}
+
+
+def latency_stats(latencies: list[dict[str, float]]) -> dict[str, dict[str, float]]:
+    """{component: {"avg", "p50", "p90"}} over replies (the paper's table; cumulative ``at_*`` dropped)."""
+    names = [k for k in latencies[0] if not k.startswith("at_")] if latencies else []
+    return {k: {"avg": float(np.mean(v)), "p50": float(np.percentile(v, 50)), "p90": float(np.percentile(v, 90))}
+            for k in names for v in [[lat[k] for lat in latencies]]}
+
+
+def talk(engine: Engine, test_qa: str | os.PathLike, lm: str | os.PathLike, wav_dir: str | os.PathLike,
+         limit: int | None = None, progress: bool = True,
+         on_turn: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Duplex conversations on the spoken test questions (the first ``limit``): the state head
+    decides when to answer; answers are spoken. Writes ``NN_question.wav`` (16 kHz) and
+    ``NN_answer.wav`` (24 kHz) per question and ``turns.jsonl``."""
+    records, base = _records(test_qa)
+    records = records[:limit]
+    wav_dir = Path(wav_dir)
+    wav_dir.mkdir(parents=True, exist_ok=True)
+    rate = engine.vocoder.sample_rate
+    turns = []
+    engine.warm_up(MAX_LEN, DEFAULT_ROLE)
+    warm = engine.compiles.count
+    for i, r in enumerate(_bar(records, "talk (duplex)", progress)):
+        question = _user_audio(r, base)
+        conv = _conversation(engine, seed=i)
+        conv.listen(whole_chunks(question, SILENCE_SECONDS), decide=True)
+        turn = {"question": r["text"], "expected": r["answer"], "speech_end": r["speech_end"],
+                "decision": conv.state.name, "chunks_heard": conv.chunks_heard}
+        turn["endpoint_delay_ms"] = endpoint_delay_ms(conv.chunks_heard, r["speech_end"])
+        audio = np.zeros(0, np.float32)
+        if conv.state == State.SS:
+            reply = conv.respond()
+            audio = reply.read()
+            turn.update(answer=reply.text.strip(), latency_ms=reply.latency_ms(), audio_seconds=reply.audio_seconds,
+                        rtf=reply.busy_seconds / reply.audio_seconds if reply.samples else None)
+        turn["heard"] = _recognized(audio, rate, lm)
+        turn["reference_heard"] = _recognized(load_audio(resolve(r["answer_audio"], base), sample_rate=rate)[0],
+                                              rate, lm)
+        write_wav(wav_dir / f"{i:02d}_question.wav", question, USER_RATE)
+        write_wav(wav_dir / f"{i:02d}_answer.wav", audio, rate)
+        turns.append(turn)
+        if on_turn is not None:
+            on_turn(turn)
+    (wav_dir / "turns.jsonl").write_text("".join(json.dumps(t) + "\n" for t in turns), encoding="utf-8")
+    answered = [t for t in turns if t["decision"] == "SS"]
+    delays = [t["endpoint_delay_ms"] for t in answered]
+    latencies = [t["latency_ms"] for t in answered if t.get("latency_ms")]
+    scores = speech_scores([t["expected"] for t in turns], [t["heard"] for t in turns],
+                            [t["reference_heard"] for t in turns])
+    return {"n": len(turns), "answered": len(answered),
+            "dropped": sum(t["decision"] == "EL" for t in turns),
+            "undecided": sum(t["decision"] not in ("SS", "EL") for t in turns),
+            "text_accuracy": float(np.mean([answer_matches(t.get("answer", ""), t["expected"]) for t in turns])),
+            "speech_accuracy": scores["accuracy"], "speech_wer": scores["wer"],
+            "reference_accuracy": scores["reference_accuracy"],
+            "endpoint_delay_ms": float(np.mean(delays)) if delays else None,
+            "endpoint_delay_p90_ms": float(np.percentile(delays, 90)) if delays else None,
+            "answered_before_speech_end": sum(d < 0 for d in delays),
+            "latency_ms": latency_stats(latencies),
+            "rtf": float(np.mean([t["rtf"] for t in answered if t.get("rtf")])) if answered else None,
+            "compiles_after_warm_up": engine.compiles.count - warm}
