@@ -8,7 +8,7 @@ lr 2e-4 as in the paper). Required override: ``stage.manifest=PATH``.
 
 import ml_collections
 
-from fo_jax.config import load_config
+from fo_jax.config import load_config, stage_variant
 
 
 # The toy world's runs (``fo-jax toy`` / ``--quick``): the tiny model, these many steps.
@@ -16,10 +16,7 @@ TOY_STEPS = {"toy": 1000, "toy_quick": 600}
 
 
 def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
-    if variant not in ("tiny", "mid", "freeze_omni", *TOY_STEPS):
-        raise ValueError(f"unknown variant {variant!r}; expected tiny, mid, toy, toy_quick or freeze_omni")
-    toy_steps = TOY_STEPS.get(variant)
-    variant = "tiny" if toy_steps else variant
+    variant, toy_steps = stage_variant(variant, ("tiny", "mid", "freeze_omni"), TOY_STEPS)
     model = load_config(f"configs/freeze_omni.py:{'tiny' if variant == 'mid' else variant}").model.to_dict()
     if variant == "mid":
         model["encoder"].update(hidden_size=256, num_layers=6, num_heads=4, ffn_size=1024)

@@ -12,7 +12,7 @@ instead and get a random LLM). Usually ``stage.encoder_from=WORKDIR`` (a stage-1
 
 import ml_collections
 
-from fo_jax.config import load_config
+from fo_jax.config import load_config, stage_variant
 from fo_jax.toy.world import TRANSCRIBE_PREFIX
 
 
@@ -21,10 +21,7 @@ TOY_STEPS = {"toy": 600, "toy_quick": 300}
 
 
 def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
-    if variant not in ("tiny", "freeze_omni", *TOY_STEPS):
-        raise ValueError(f"unknown variant {variant!r}; expected tiny, toy, toy_quick or freeze_omni")
-    toy_steps = TOY_STEPS.get(variant)
-    variant = "tiny" if toy_steps else variant
+    variant, toy_steps = stage_variant(variant, ("tiny", "freeze_omni"), TOY_STEPS)
     model = load_config(f"configs/freeze_omni.py:{variant}").model.to_dict()
     big = variant == "freeze_omni"
     # At scale: LLM blocks scanned over stacked params and rematerialised, encoder blocks

@@ -11,7 +11,7 @@ run: encoder, adapter, CMVN). ``--compile-only`` needs none of them.
 
 import ml_collections
 
-from fo_jax.config import load_config
+from fo_jax.config import load_config, stage_variant
 
 
 # The toy world's runs (``fo-jax toy`` / ``--quick``): the tiny model, these many steps.
@@ -19,10 +19,7 @@ TOY_STEPS = {"toy": 400, "toy_quick": 100}
 
 
 def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
-    if variant not in ("tiny", "freeze_omni", *TOY_STEPS):
-        raise ValueError(f"unknown variant {variant!r}; expected tiny, toy, toy_quick or freeze_omni")
-    toy_steps = TOY_STEPS.get(variant)
-    variant = "tiny" if toy_steps else variant
+    variant, toy_steps = stage_variant(variant, ("tiny", "freeze_omni"), TOY_STEPS)
     model = load_config(f"configs/freeze_omni.py:{variant}").model.to_dict()
     big = variant == "freeze_omni"
     # At scale: LLM blocks scanned and rematerialised (the frozen encoder has no backward pass).

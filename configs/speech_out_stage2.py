@@ -12,7 +12,7 @@ lr 5e-5 as in the paper, whose schedule is not published: the release's config s
 
 import ml_collections
 
-from fo_jax.config import load_config
+from fo_jax.config import load_config, stage_variant
 
 
 # The toy world's runs (``fo-jax toy`` / ``--quick``): the tiny model, these many steps.
@@ -20,10 +20,7 @@ TOY_STEPS = {"toy": 600, "toy_quick": 150}
 
 
 def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
-    if variant not in ("tiny", "freeze_omni", *TOY_STEPS):
-        raise ValueError(f"unknown variant {variant!r}; expected tiny, toy, toy_quick or freeze_omni")
-    toy_steps = TOY_STEPS.get(variant)
-    variant = "tiny" if toy_steps else variant
+    variant, toy_steps = stage_variant(variant, ("tiny", "freeze_omni"), TOY_STEPS)
     real = variant == "freeze_omni"
     model = load_config(f"configs/freeze_omni.py:{variant}").model.to_dict()
     steps = ml_collections.FieldReference(200_000 if real else 300)

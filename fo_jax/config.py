@@ -29,6 +29,18 @@ def _resolve_path(path: str) -> Path:
     return p
 
 
+def stage_variant(variant: str, variants: Sequence[str], toy_steps: dict[str, int]) -> tuple[str, int | None]:
+    """A stage config's variant -> (model variant, step-count override or None).
+
+    The toy world's variants (the keys of ``toy_steps``: ``toy``, ``toy_quick``) train the ``tiny``
+    model for their own number of steps. An unknown name is a one-line error.
+    """
+    if variant not in (*variants, *toy_steps):
+        raise ValueError(f"unknown variant {variant!r}; expected one of {', '.join((*variants, *toy_steps))}")
+    steps = toy_steps.get(variant)
+    return ("tiny" if steps else variant), steps
+
+
 def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
     """Loads ``path/to/file.py[:variant]`` and applies overrides like ``model.llm.num_layers=2``."""
     path, _, variant = spec.partition(":")
