@@ -61,7 +61,7 @@ def teacher_forced(params, text, hidden, codes, cfg: SpeechDecoderConfig = TINY)
     """Training-forward logits (len(codes) + 1, V) of one segment.
 
     The prefix and the targets are padded to fixed widths (32 frames, 64 rows) to share one
-    compiled forward; padding the text would shift the target positions (as in the release).
+    compiled forward; the text is not padded.
     """
     t, tl = to_frames(jnp.asarray(text)[None], jnp.array([len(text)]), cfg.hidden_size)
     h = np.zeros((1, 32, cfg.hidden_size), np.float32)
@@ -127,6 +127,17 @@ def test_prefill_and_decode_match_teacher_forcing(with_prefix):
         ref = teacher_forced(params, t, h if with_prefix else h[:0], codes[b])
         assert ref.shape == got[b].shape == (13, TINY.vocab_size)
         assert np.abs(got[b] - ref).max() <= 1e-5
+    # The training forward on the same padded batch (text padded to 32 frames, as a stage pads to
+    # max_text_len): its targets sit where inference puts them, so the logits agree row by row.
+    inputs, _ = make_targets(jnp.asarray(codes), jnp.full((2,), codes.shape[1]), TINY)
+    trained = forward(params, jnp.asarray(text), jnp.asarray(text_lens), inputs, jnp.full((2,), codes.shape[1] + 1),
+                      jnp.asarray(prefix), jnp.asarray(prefix_lens))
+    assert np.abs(np.asarray(trained) - got).max() <= 1e-5
+    # The release's forward (one position index over the padded block) does not: the shift.
+    shifted = SpeechDecoder(TINY).apply({"params": params}, jnp.asarray(text), jnp.asarray(text_lens), inputs,
+                                        jnp.full((2,), codes.shape[1] + 1), jnp.asarray(prefix),
+                                        jnp.asarray(prefix_lens), release_positions=True)
+    assert np.abs(np.asarray(shifted) - got).max() > 1e-2
 
 
 def test_prefix_changes_the_logits():

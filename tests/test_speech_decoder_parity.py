@@ -6,6 +6,8 @@ through our conversion table. Its forward follows the release's training forward
 layers write K/V into a DynamicCache that the shared layers then extend, additive float masks.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -168,14 +170,15 @@ def _padded_batch(seed=2):
 
 @pytest.mark.parametrize("with_prefix", [True, False])
 def test_decoder_forward_and_loss_match_torch(torch_decoder, with_prefix):
-    """Pre-network + (prefix +) shared stack + head on a padded batch of 3, and the summed CE."""
+    """Pre-network + (prefix +) shared stack + head on a padded batch of 3, and the summed CE
+    (with the release's positions: one index over the padded block)."""
     batch = _padded_batch()
     prefix = torch.tensor(batch["prefix"]) if with_prefix else None
     with torch.no_grad():
         ref = torch_decoder(TINY, torch.tensor(batch["text"]), batch["text_lens"], torch.tensor(batch["codes"]),
                             batch["code_lens"], prefix, batch["prefix_lens"])
     inputs, labels = make_targets(jnp.asarray(batch["codes"]), jnp.asarray(batch["code_lens"]), TINY)
-    ours = jax.jit(SpeechDecoder(TINY).apply)(
+    ours = jax.jit(functools.partial(SpeechDecoder(TINY).apply, release_positions=True))(
         {"params": torch_decoder.params()}, jnp.asarray(batch["text"]), jnp.asarray(batch["text_lens"]), inputs,
         jnp.asarray(batch["code_lens"] + 1), jnp.asarray(batch["prefix"]) if with_prefix else None,
         jnp.asarray(batch["prefix_lens"]))

@@ -199,8 +199,16 @@ class SpeechDecoder(nn.Module):
 
     def __call__(self, text_bnd: jax.Array, text_lens_b: jax.Array, inputs_bt: jax.Array,
                  target_lens_b: jax.Array, prefix_bpd: jax.Array | None = None,
-                 prefix_lens_b: jax.Array | None = None) -> jax.Array:
+                 prefix_lens_b: jax.Array | None = None, release_positions: bool = False) -> jax.Array:
         """Teacher-forced training forward.
+
+        Target rows take the positions inference gives them: each row's targets continue right
+        after its own valid context (``1 + text_lens_b``), whatever the padded width. The
+        release's forward runs one position index over the padded block instead
+        (``release_positions=True``, kept for parity), which shifts every padded row's targets
+        away from where inference puts them: trained that way on text padded to a fixed width, a
+        decoder reached 100 % teacher-forced accuracy yet greedy decoding of the same utterances
+        matched 1-11 % of their tokens.
 
         Args:
           text_bnd: (B, N, D) text-embedding frames (``to_frames`` of the LLM's token embeddings).
@@ -216,8 +224,8 @@ class SpeechDecoder(nn.Module):
         ctx, ctx_lens = self.context(text_bnd, text_lens_b)
         x = jnp.concatenate([ctx, self.embed(inputs_bt)], axis=1)
         wc, t = ctx.shape[1], x.shape[1]
-        # As in the release, one position index runs over the padded block for every row.
-        positions = jnp.broadcast_to(jnp.arange(t), (b, t))
+        steps = jnp.broadcast_to(jnp.arange(t), (b, t))
+        positions = steps if release_positions else jnp.where(steps < wc, steps, steps - wc + ctx_lens[:, None])
         cache = None
         prefix_lens = jnp.zeros((b,), jnp.int32)
         if prefix_bpd is not None and self.config.use_prefix:
