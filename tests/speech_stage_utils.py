@@ -42,7 +42,7 @@ def speech_world(root: Path) -> None:
     (4 good dialogues, then 5 bad lines: missing audio, addressed without answer, no turns,
     broken JSON, too many turns)."""
     for i in range(len(TRANSCRIPTS)):
-        _tone(root / f"{i}.wav", 0.4 + 0.1 * i, 180 + 40 * i, i)
+        _tone(root / f"{i}.wav", 1.2 + 0.1 * i, 180 + 40 * i, i)
     asr = [{"audio": f"{i}.wav", "text": t} for i, t in enumerate(TRANSCRIPTS)]
     write_manifest(root / "asr.jsonl", asr + [{"audio": "missing.wav", "text": "never used"},
                                               {"audio": "0.wav", "text": ""}])

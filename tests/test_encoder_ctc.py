@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from fo_jax.models.configs import EncoderConfig
-from fo_jax.models.ctc import ctc_greedy_decode, ctc_logits, ctc_loss, init_ctc_params
+from fo_jax.models.ctc import ctc_greedy_decode, ctc_logits, ctc_loss, ctc_min_frames, init_ctc_params
 
 
 def brute_force_nll(logits_tv, label):
@@ -42,6 +42,17 @@ def test_ctc_loss_matches_enumeration_with_padding():
     with pytest.raises(ValueError, match="reduction"):
         ctc_loss(jnp.asarray(logits), jnp.asarray(lengths), jnp.asarray(labels), jnp.asarray(label_lengths),
                  reduction="sum")
+
+
+def test_ctc_min_frames_is_where_a_path_exists():
+    assert ctc_min_frames([1, 2, 2, 3, 3, 3]) == 9 and ctc_min_frames([]) == 0
+    logits = jnp.zeros((1, 6, 4))
+    for label, feasible in (([1, 2, 3, 2, 1, 2], True), ([1, 1, 2, 2, 3, 3], False), ([1, 1, 2, 2, 3], False),
+                            ([1, 1, 2, 3], True)):
+        assert (ctc_min_frames(label) <= 6) == feasible
+        loss = ctc_loss(logits, jnp.array([6]), jnp.array([label]), jnp.array([len(label)]), reduction="none")
+        # optax gives a huge finite value where no path exists; a feasible one is a few nats
+        assert (float(loss[0]) < 100) == feasible, (label, loss)
 
 
 def test_greedy_decode_collapses_repeats_and_drops_blanks():

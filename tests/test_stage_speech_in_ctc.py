@@ -30,6 +30,8 @@ def asr_manifest(tmp_path_factory):
         write_wav(root / f"{i}.wav", speech.synthesize(text, "espeak", rate=200), 16000)
         records.append({"audio": f"{i}.wav", "text": text.capitalize() + "?"})
     records.append({"audio": "missing.wav", "text": "never used"})
+    # 0.4 s of speech (8 encoder frames) cannot carry this transcript: CTC has no path for it
+    records.append({"audio": "0.wav", "text": "ab" * 20, "duration": 0.4})
     write_manifest(root / "asr.jsonl", records)
     return root / "asr.jsonl"
 
@@ -48,6 +50,7 @@ def test_ctc_stage_trains_with_frozen_cmvn(tmp_path, asr_manifest):
     mean = np.asarray(summary["frozen"]["encoder"]["cmvn_mean"])
     assert mean.shape == (80,) and np.abs(mean).max() > 1  # estimated from the audio, not identity
     assert any("missing.wav" in r for r in summary["rejected"])
+    assert any("40 CTC frames needed, 8 encoder frames" in r for r in summary["rejected"]), summary["rejected"]
     # The frozen statistics ride in the run's meta, for the stages that start from this encoder.
     trained, meta = load_trained(tmp_path / "run")
     assert set(trained) == {"encoder", "ctc"} and "cmvn_mean" not in trained["encoder"]

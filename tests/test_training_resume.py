@@ -47,9 +47,9 @@ def _metrics(workdir):
 
 
 def test_resume_after_kill_is_bitwise_the_straight_run(tmp_path):
-    speech_world(tmp_path)  # 8 tones of 0.4 .. 1.1 s: 3 fall in the 64-frame bucket, 5 in the 128 one
+    speech_world(tmp_path)  # 8 tones of 1.2 .. 1.9 s: 5 fall in the 160-frame bucket, 3 in the 256 one
     overrides = [f"stage.manifest={tmp_path / 'asr.jsonl'}", "model.encoder.num_layers=1", f"stage.steps={2 * N}",
-                 f"stage.save_every={N}", "stage.log_every=1", "stage.batch_size=2", "stage.buckets=(64, 128)"]
+                 f"stage.save_every={N}", "stage.log_every=1", "stage.batch_size=2", "stage.buckets=(160, 256)"]
     cfg = load_config("configs/speech_in_stage1.py:tiny", overrides)
     straight = trainer.train(cfg, tmp_path / "straight", progress=False)
 

@@ -3,6 +3,8 @@ greedy decoding. Blank id 0 (WeNet convention, which the official encoder code d
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -64,6 +66,12 @@ def ctc_loss(logits_btv: jax.Array, lengths_b: jax.Array, labels_bn: jax.Array, 
     if reduction == "mean_token":
         return per_seq.sum() / jnp.maximum(label_lengths_b.sum(), 1)
     raise ValueError(f"unknown reduction {reduction!r}; expected none, mean_batch or mean_token")
+
+
+def ctc_min_frames(label_ids: Sequence[int]) -> int:
+    """Fewest frames a CTC path of ``label_ids`` needs: one per label, plus a blank between
+    repeated labels. Shorter inputs have no path (the loss is infinite)."""
+    return len(label_ids) + sum(a == b for a, b in zip(label_ids, label_ids[1:]))
 
 
 def ctc_greedy_decode(logits_btv: jax.Array, lengths_b: jax.Array, blank_id: int = 0

@@ -21,8 +21,8 @@ from fo_jax.data.manifest import read_manifest
 from fo_jax.data.prepare import check_audio
 from fo_jax.data.speech import bucketed_dataset, cmvn_stats_of, feature_batch, plan_batches, record_frames
 from fo_jax.errors import ConfigError
-from fo_jax.models.ctc import ctc_logits, ctc_loss, init_ctc_params
-from fo_jax.models.encoder import encoder_forward, init_encoder_params
+from fo_jax.models.ctc import ctc_logits, ctc_loss, ctc_min_frames, init_ctc_params
+from fo_jax.models.encoder import encoder_forward, init_encoder_params, output_lengths
 from fo_jax.text.char_vocab import CharVocab
 from fo_jax.training.speech_common import cmvn_params
 
@@ -42,13 +42,21 @@ class SpeechInCTCStage:
         self.max_label = s.max_label_len
         self.batch_size, self.boundaries = s.batch_size, tuple(s.buckets)
         self.augment = SpecAugmentConfig(**s.spec_augment) if s.get("spec_augment") else None
-        lengths = [record_frames(r, self.base) for r in self.records]
-        lengths = [n if len(self.vocab.encode(r["text"])) <= self.max_label else -1
-                   for n, r in zip(lengths, self.records)]
+        frames = [record_frames(r, self.base) for r in self.records]
+        enc_frames = np.asarray(output_lengths(np.asarray(frames, np.int32)))
+        lengths, problems = [], []
+        for n, e, r in zip(frames, enc_frames, self.records):
+            ids = self.vocab.encode(r["text"])
+            # An utterance that CTC cannot align (too many labels for its encoder frames) has an
+            # infinite loss: its batch would teach nothing but a clipped, meaningless gradient.
+            problem = (f"{len(ids)} labels > stage.max_label_len={self.max_label}" if len(ids) > self.max_label else
+                       f"{ctc_min_frames(ids)} CTC frames needed, {e} encoder frames" if ctc_min_frames(ids) > e
+                       else None)
+            lengths.append(-1 if problem else n)
+            problems.append(problem or "longer than the largest bucket")
         self.batches, dropped = plan_batches(lengths, self.boundaries, self.batch_size // jax.process_count(),
                                              cfg.get("seed", 0))
-        self.rejected = report + [f"{self.records[i]['audio']}: longer than the largest bucket or label limit"
-                                  for i in dropped]
+        self.rejected = report + [f"{self.records[i]['audio']}: {problems[i]}" for i in dropped]
         if not self.batches:
             raise ConfigError(f"{s.manifest}: too few usable utterances for one batch of {self.batch_size}")
         self.cmvn_utterances = s.get("cmvn_utterances", 200)
