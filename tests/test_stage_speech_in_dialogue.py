@@ -211,3 +211,24 @@ def test_one_line_errors(world, tmp_path, capsys):
     assert "stage.llm_path (a HF Qwen2 directory with its tokenizer) is required" in capsys.readouterr().err
     with pytest.raises(LoadError, match="no training run here"):
         build_stage(_config(world, f"stage.speech_from={tmp_path}")).load_params(jax.random.key(0))
+
+
+def test_state_cross_entropy_plain_and_balanced():
+    from fo_jax.models.audio_llm import state_log_probs
+    from fo_jax.training.speech_common import state_cross_entropy
+
+    rng = np.random.default_rng(0)
+    logits = jnp.asarray(rng.normal(size=(1, 6, 4)), jnp.float32)  # (B, T, states)
+    pos = jnp.asarray([[0, 1, 2, 3, 4, 5]])
+    labels = jnp.asarray([[0, 0, 0, 0, 1, 2]])
+    w = jnp.asarray([[1, 1, 1, 0, 1, 1]], jnp.float32)  # position 3 unlabelled
+    nll = -np.take_along_axis(np.asarray(state_log_probs(logits))[0], np.asarray(labels)[0][:, None], 1)[:, 0]
+    plain, acc = state_cross_entropy(logits, pos, labels, w)
+    np.testing.assert_allclose(plain, nll[[0, 1, 2, 4, 5]].mean(), rtol=1e-6)
+    balanced, acc_b = state_cross_entropy(logits, pos, labels, w, balanced=True)
+    # each present state's mean CE, averaged over the 3 present states
+    np.testing.assert_allclose(balanced, (nll[[0, 1, 2]].mean() + nll[4] + nll[5]) / 3, rtol=1e-6)
+    assert acc == acc_b  # accuracy stays the plain one
+    # a batch with no labelled chunk gives 0, not NaN
+    zero, _ = state_cross_entropy(logits, pos, labels, jnp.zeros_like(w), balanced=True)
+    assert float(zero) == 0.0

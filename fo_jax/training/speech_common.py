@@ -322,11 +322,23 @@ def target_cross_entropy(params: dict, model: ModelConfig, hidden_btd: jax.Array
 
 
 def state_cross_entropy(state_logits_bts: jax.Array, pos_bk: jax.Array, labels_bk: jax.Array,
-                        w_bk: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """(mean CE, accuracy) of the state head at the labelled positions, over the classes inference
-    reads (``state_log_probs``: softmax of the first 3 logits)."""
+                        w_bk: jax.Array, balanced: bool = False) -> tuple[jax.Array, jax.Array]:
+    """(CE, accuracy) of the state head at the labelled positions, over the classes inference
+    reads (``state_log_probs``: softmax of the first 3 logits).
+
+    The CE is the mean over labelled positions, or with ``balanced`` the mean over the classes
+    present in the batch of each class's mean: a turn has one decisive chunk among many
+    'keep listening' ones, and the plain mean is then minimised by never deciding.
+    """
     logp = state_log_probs(_gather(state_logits_bts, pos_bk))
     nll = -jnp.take_along_axis(logp, labels_bk[..., None], axis=-1)[..., 0]
     count = jnp.maximum(jnp.sum(w_bk), 1.0)
     hits = (jnp.argmax(logp, axis=-1) == labels_bk).astype(jnp.float32)
-    return jnp.sum(nll * w_bk) / count, jnp.sum(hits * w_bk) / count
+    weights = w_bk / count
+    if balanced:
+        onehot = jax.nn.one_hot(labels_bk, logp.shape[-1]) * w_bk[..., None]  # (B, K, classes)
+        per_class = jnp.sum(onehot, axis=(0, 1))
+        share = jnp.where(per_class > 0, 1.0 / jnp.maximum(per_class, 1.0), 0.0) / jnp.maximum(
+            jnp.sum(per_class > 0), 1)
+        weights = jnp.sum(onehot * share, axis=-1)
+    return jnp.sum(nll * weights), jnp.sum(hits * w_bk) / count

@@ -1,5 +1,6 @@
 """Speech-in stage 3 (stage ``speech_in_dialogue``): prompt embeddings + state head on multi-turn
-spoken Q&A, everything else frozen.
+spoken Q&A, everything else frozen (as the paper; ``stage.trainable`` may open the encoder and
+adapter too, which the toy presets do).
 
 A dialogue is laid out exactly as the streaming inference feeds it (``fo_jax.inference.session``)::
 
@@ -13,9 +14,10 @@ A dialogue is laid out exactly as the streaming inference feeds it (``fo_jax.inf
 Labels: the state head at the last frame of every chunk: 0 while the user speaks, on the turn's
 final chunk 1 (answer) or 2 (not addressed). Like inference, it is read as a softmax over the
 first 3 logits (the 4th class is never trained). Loss = LLM cross-entropy on the answer tokens
-(mean over tokens) + ``stage.state_weight`` x state cross-entropy (mean over labelled chunks).
+(mean over tokens) + ``stage.state_weight`` x state cross-entropy (mean over labelled chunks, or
+with ``stage.state_balanced`` the mean of each state's mean: ``state_cross_entropy``).
 
-The frozen speech path runs each turn from a fresh streaming state, chunk by chunk (``stream_speech``,
+The speech path runs each turn from a fresh streaming state, chunk by chunk (``stream_speech``,
 the inference program itself), so the embeddings are the ones inference produces, past the
 official positional quirk too; ``stage.streaming_encoder=False`` uses one whole-utterance forward
 instead (equal for the first 17 chunks of a turn, faster on accelerators).
@@ -94,6 +96,7 @@ class SpeechInDialogueStage:
         self.turn_chunks = s.turn_frames // CHUNK_FRAMES
         self.per_chunk = output_frames(self.model.adapter, self.model.encoder.chunk_size)
         self.state_weight, self.streaming = float(s.state_weight), bool(s.streaming_encoder)
+        self.state_balanced = bool(s.get("state_balanced", False))
         self.augment = SpecAugmentConfig(**s.spec_augment) if s.get("spec_augment") else None
         self.speech_from, self.role = s.get("speech_from") or None, s.get("system_role") or None
         self.records, self.rejected, self.manifest = None, [], s.get("manifest") or None
@@ -229,7 +232,7 @@ class SpeechInDialogueStage:
         lm = target_cross_entropy(params, self.model, out["hidden"], batch["target_pos"], batch["target_ids"],
                                   batch["target_w"])
         state, accuracy = state_cross_entropy(out["state_logits"], batch["state_pos"], batch["state_label"],
-                                              batch["state_w"])
+                                              batch["state_w"], self.state_balanced)
         return lm + self.state_weight * state, {"lm_loss": lm, "state_loss": state, "state_accuracy": accuracy,
                                                 "targets": jnp.sum(batch["target_w"]),
                                                 "chunks": jnp.sum(batch["state_w"])}
