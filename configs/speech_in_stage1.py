@@ -47,4 +47,8 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
     })
     if toy_steps:
         cfg.stage.steps = toy_steps
+        # Measured on the toy world (issue 7 notes): a few epochs of clean synthetic speech learn
+        # faster with cosine decay and without SpecAugment (400 steps: WER 80 % -> 70 %).
+        cfg.optimizer.update(schedule="cosine", warmup_steps=50)
+        cfg.stage.spec_augment = {}
     return cfg

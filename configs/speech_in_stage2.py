@@ -17,7 +17,7 @@ from fo_jax.toy.world import TRANSCRIBE_PREFIX
 
 
 # The toy world's runs (``fo-jax toy`` / ``--quick``): the tiny model, these many steps.
-TOY_STEPS = {"toy": 600, "toy_quick": 300}
+TOY_STEPS = {"toy": 1200, "toy_quick": 800}
 
 
 def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
@@ -65,4 +65,7 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
     })
     if toy_steps:
         cfg.stage.steps = toy_steps
+        cfg.optimizer.update(schedule="cosine")  # as speech-in 1 (there: why)
+        cfg.stage.spec_augment = {}
+        cfg.model.adapter.prompt_num = 25  # stage 3's (it checks the model matches this run's)
     return cfg

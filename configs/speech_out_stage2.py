@@ -16,7 +16,7 @@ from fo_jax.config import load_config, stage_variant
 
 
 # The toy world's runs (``fo-jax toy`` / ``--quick``): the tiny model, these many steps.
-TOY_STEPS = {"toy": 600, "toy_quick": 150}
+TOY_STEPS = {"toy": 600, "toy_quick": 300}
 
 
 def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
@@ -50,4 +50,7 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
     })
     if toy_steps:
         cfg.stage.steps = toy_steps
+        # The toy world's decoder is as wide as its 64-wide LLM allows and twice as deep as tiny:
+        # measured on the quick world, 150 steps reach codec-token CE 2.9 (tiny: 5.2).
+        cfg.model.decoder.update(hidden_size=64, num_layers=4, intermediate_size=256)
     return cfg

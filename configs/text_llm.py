@@ -45,8 +45,9 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
         cfg.optimizer.update(lr=2e-5, warmup_steps=100)
     if variant in ("toy", "toy_quick"):
         # The toy world's longest conversation is 95 tokens with its 1024-token BPE. Measured on
-        # the full world's 59 test questions: 800 steps -> 100 % (600: 83 %, 400: 53 %).
+        # the full world's 59 test questions: 800 steps -> 100 % (600: 83 %, 400: 53 %). The quick
+        # run's 600 keep the ceiling that speech-in -> text-out is measured against well above 0.
         cfg.stage.update(seq_len=96, save_every=200)
-        cfg.stage.steps = 800 if variant == "toy" else 400
+        cfg.stage.steps = 800 if variant == "toy" else 600
         cfg.optimizer.lr = 6e-3
     return cfg

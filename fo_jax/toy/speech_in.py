@@ -40,7 +40,7 @@ from fo_jax.training.stages import build_stage
 
 BATCH = 16
 SPEECH_PARTS = {"encoder": r"^cmvn_", "adapter": None, "task_embeddings": None}  # stage 2's, CMVN aside
-DIALOGUE_PARTS = ("prompt_embeddings", "state_head")  # stage 3's
+DIALOGUE_PARTS = ("prompt_embeddings", "state_head")  # stage 3's, at least (the toy's: encoder, adapter too)
 
 
 def _run_config(meta: dict, **stage: Any) -> ml_collections.ConfigDict:
@@ -67,8 +67,9 @@ def speech_llm(llm_path: str | os.PathLike, speech_run: str | os.PathLike,
     params["encoder"] = {**params["encoder"], **cmvn_params(stats)}
     if dialogue_run is not None:
         trained = load_trained(dialogue_run)[0]
-        for part in DIALOGUE_PARTS:
-            params[part] = graft(params[part], trained[part], f"speech-in 3 run {dialogue_run}")
+        for part in sorted(set(DIALOGUE_PARTS) | set(trained)):
+            params[part] = graft(params[part], trained[part], f"speech-in 3 run {dialogue_run}",
+                                 keep=SPEECH_PARTS.get(part))
     return stage, stage.model, params
 
 
