@@ -2,7 +2,10 @@
 writes the report and its wavs, and a rerun skips every finished step.
 
 Loose thresholds that still fail on a broken pipeline: the frozen LLM bitwise unchanged, ASR
-better than 60 % WER, some spoken questions answered right, every step done.
+better than 60 % WER, some spoken questions answered right, the state head right on at least half
+of the final chunks, every step done. Speech out is measured and reported but not held to its
+quick threshold (> 0 % of answers recognized): the toy's decoder does not speak held-out answers
+intelligibly yet (issue 7); the test checks that the measurement itself works.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ def test_toy_quick_end_to_end_and_rerun_skips(tmp_path, capsys):
     assert targets["frozen LLM text-QA accuracy (test split)"]["status"] == "PASS"  # quick: >= 25 %
     assert targets["speech-in -> text-out accuracy"]["status"] == "PASS"  # quick: > 0
     assert min(targets[t]["status"] == "PASS" for t in targets if t.startswith("ASR WER")) is True  # < 60 %
+    assert targets["state head correct on the final chunk"]["status"] == "PASS"  # quick: >= 50 %
     steps = {s["name"]: s for s in doc["steps"]}
     assert all(s["status"] == "done" for s in steps.values()), steps
     results = {name: s["result"] for name, s in steps.items()}
@@ -37,6 +41,8 @@ def test_toy_quick_end_to_end_and_rerun_skips(tmp_path, capsys):
     assert talk["n"] == results["data"]["records"]["test_qa"] and talk["compiles_after_warm_up"] == 0
     assert talk["answered"] + talk["dropped"] + talk["undecided"] == talk["n"]
     assert 0.0 <= results["state_eval"]["final_chunk_accuracy"] <= 1.0
+    spoken = results["speech_out_eval"]
+    assert spoken["n"] == talk["n"] and spoken["reference_accuracy"] >= 0.75, spoken  # the recognizer hears TTS
     fast = results["codec_fast"]["intelligibility"]
     assert fast["reference"]["wer"] < 0.25 and fast["roundtrip"]["wer"] < 0.5, fast
     for path in ("llm/hf/model.safetensors", "model/fo_jax_model.json", "model/params.safetensors",
