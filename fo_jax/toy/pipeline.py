@@ -160,8 +160,9 @@ def _train(ctx: StepContext, name: str, config: str, overrides: Sequence[str],
             "metrics_key": metrics_key, "metrics_label": metrics_label}
 
 
-def _stage_step(name: str, config: str, run: Any, after: tuple[str, ...], title: str) -> Step:
-    return Step(name, run, lambda ctx: {"preset": _preset(ctx, config).to_dict()}, after=after, title=title)
+def _stage_step(name: str, config: str, run: Any, after: tuple[str, ...], title: str, version: int = 1) -> Step:
+    return Step(name, run, lambda ctx: {"preset": _preset(ctx, config).to_dict()}, after=after, title=title,
+                version=version)
 
 
 def _llm_path(ctx: StepContext) -> str:
@@ -312,8 +313,9 @@ def steps() -> list[Step]:
                     "speech-in 2: encoder + adapter into the frozen LLM, ASR WER"),
         _stage_step("speech_in_dialogue", "configs/speech_in_stage3.py", _speech_in_dialogue,
                     ("llm", "speech_in_llm"), "speech-in 3: prompts + state head on dialogues"),
+        # version 2: training positions as inference's (a decoder trained before cannot speak).
         _stage_step("speech_decoder", "configs/speech_out_stage2.py", _speech_decoder, ("llm", "codec_fast"),
-                    "speech-out 2: pre-network + decoder on fast-codec tokens"),
+                    "speech-out 2: pre-network + decoder on fast-codec tokens", version=2),
         _stage_step("speech_prefix", "configs/speech_out_stage3.py", _speech_prefix,
                     ("llm", "codec_fast", "speech_decoder"), "speech-out 3: prefix decoder on LLM hidden states"),
         Step("model", _model, after=("llm", "codec_fast", *trained), title="the trained model as a bundle"),
