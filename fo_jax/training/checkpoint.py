@@ -9,6 +9,8 @@ and checked against the fingerprint on resume. A save interrupted mid-way leaves
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -75,6 +77,19 @@ class TrainCheckpointer:
         self.manager.close()
 
 
+@contextlib.contextmanager
+def _orbax_quiet():
+    """Hides orbax's warnings about a read-only manager and the items ``load_trained`` skips
+    (optimizer state, data iterator): expected there, noise in every later stage's log."""
+    logger = logging.getLogger("absl")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def load_trained(workdir: str | os.PathLike, step: int | None = None) -> tuple[dict, dict]:
     """(trainable params as numpy arrays, meta) of a finished or interrupted run.
 
@@ -84,6 +99,11 @@ def load_trained(workdir: str | os.PathLike, step: int | None = None) -> tuple[d
     directory = Path(workdir).resolve() / "checkpoints"
     if not directory.is_dir():
         raise LoadError(f"{workdir}: no training run here (no checkpoints/ folder)")
+    with _orbax_quiet():
+        return _load_trained(directory, step)
+
+
+def _load_trained(directory: Path, step: int | None) -> tuple[dict, dict]:
     manager = ocp.CheckpointManager(directory, item_names=("trainable", "meta"),
                                     item_handlers={"trainable": ocp.StandardCheckpointHandler(),
                                                    "meta": ocp.JsonCheckpointHandler()},
