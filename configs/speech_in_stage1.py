@@ -11,13 +11,16 @@ import ml_collections
 from fo_jax.config import load_config, stage_variant
 
 
-# The toy world's runs (``fo-jax toy`` / ``--quick``): the tiny model, these many steps.
+# The toy world's runs (``fo-jax toy`` / ``--quick``): the tiny model (the full run with
+# ``freeze_omni.py:toy``'s encoder), these many steps.
 TOY_STEPS = {"toy": 1000, "toy_quick": 600}
 
 
 def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
+    toy_model = variant == "toy"  # the full toy world's encoder (configs/freeze_omni.py:toy)
     variant, toy_steps = stage_variant(variant, ("tiny", "mid", "freeze_omni"), TOY_STEPS)
-    model = load_config(f"configs/freeze_omni.py:{'tiny' if variant == 'mid' else variant}").model.to_dict()
+    model_variant = "toy" if toy_model else "tiny" if variant == "mid" else variant
+    model = load_config(f"configs/freeze_omni.py:{model_variant}").model.to_dict()
     if variant == "mid":
         model["encoder"].update(hidden_size=256, num_layers=6, num_heads=4, ffn_size=1024)
     steps = ml_collections.FieldReference({"tiny": 300, "mid": 5000, "freeze_omni": 20000}[variant])

@@ -16,13 +16,15 @@ from fo_jax.config import load_config, stage_variant
 from fo_jax.toy.world import TRANSCRIBE_PREFIX
 
 
-# The toy world's runs (``fo-jax toy`` / ``--quick``): the tiny model, these many steps.
+# The toy world's runs (``fo-jax toy`` / ``--quick``): the tiny model (the full run with
+# ``freeze_omni.py:toy``'s encoder), these many steps.
 TOY_STEPS = {"toy": 1200, "toy_quick": 800}
 
 
 def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
+    toy_model = variant == "toy"  # the full toy world's encoder (configs/freeze_omni.py:toy)
     variant, toy_steps = stage_variant(variant, ("tiny", "freeze_omni"), TOY_STEPS)
-    model = load_config(f"configs/freeze_omni.py:{variant}").model.to_dict()
+    model = load_config(f"configs/freeze_omni.py:{'toy' if toy_model else variant}").model.to_dict()
     big = variant == "freeze_omni"
     # At scale: LLM blocks scanned over stacked params and rematerialised, encoder blocks
     # rematerialised (BENCHMARKS.md, speech-in 2 memory); tiny keeps the inference layout.

@@ -15,13 +15,15 @@ import ml_collections
 from fo_jax.config import load_config, stage_variant
 
 
-# The toy world's runs (``fo-jax toy`` / ``--quick``): the tiny model, these many steps.
+# The toy world's runs (``fo-jax toy`` / ``--quick``): the tiny model (the full run with
+# ``freeze_omni.py:toy``'s encoder), these many steps.
 TOY_STEPS = {"toy": 400, "toy_quick": 200}
 
 
 def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
+    toy_model = variant == "toy"  # the full toy world's encoder (configs/freeze_omni.py:toy)
     variant, toy_steps = stage_variant(variant, ("tiny", "freeze_omni"), TOY_STEPS)
-    model = load_config(f"configs/freeze_omni.py:{variant}").model.to_dict()
+    model = load_config(f"configs/freeze_omni.py:{'toy' if toy_model else variant}").model.to_dict()
     big = variant == "freeze_omni"
     # At scale: LLM blocks scanned and rematerialised (the frozen encoder has no backward pass).
     model["llm"].update(remat=big, scan_layers=big)

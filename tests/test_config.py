@@ -30,6 +30,18 @@ def test_tiny_preset_and_overrides():
         cfg.llm.num_layers = 4
 
 
+@pytest.mark.parametrize("preset, encoder", [("toy", (128, 4, 512)), ("toy_quick", (64, 2, 128))])
+def test_toy_speech_in_stages_chain_one_encoder(preset, encoder):
+    # Stage 2 starts from stage 1's encoder and stage 3 from stage 2's: one shape across the chain.
+    shapes = set()
+    for stage in (1, 2, 3):
+        cfg = model_config(load_config(f"configs/speech_in_stage{stage}.py:{preset}"))
+        shapes.add((cfg.encoder.hidden_size, cfg.encoder.num_layers, cfg.encoder.ffn_size))
+        if stage > 1:
+            assert cfg.adapter.input_dim == cfg.encoder.hidden_size
+    assert shapes == {encoder}
+
+
 @pytest.mark.parametrize("spec, overrides, match", [
     ("configs/nope.py:tiny", [], "config file not found"),
     ("configs/freeze_omni.py:huge", [], "unknown variant 'huge'"),
