@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from fo_jax.toy.steps import Step, StepContext, read_state, run_steps, summary_table
+from fo_jax.toy.steps import Interrupted, Step, StepContext, read_state, run_steps, summary_table
 
 
 class Recorder:
@@ -94,3 +94,30 @@ def test_step_records_are_json_and_bad_pipelines_are_refused(tmp_path):
         run_steps([rec.step("a"), rec.step("a")], ctx, log=lambda _: None)
     with pytest.raises(ValueError, match="unknown or later"):
         run_steps([rec.step("b", after=("a",)), rec.step("a")], ctx, log=lambda _: None)
+
+
+def test_a_training_stage_stopped_by_sigterm_ends_the_run_and_the_rerun_resumes_it(tmp_path, monkeypatch):
+    """The trainer returns normally after saving on SIGTERM; the toy must not record the stage as done."""
+    import fo_jax.training.trainer as trainer
+    from fo_jax.toy import pipeline
+
+    calls = []
+
+    def fake_train(cfg, workdir, progress=True):
+        calls.append(workdir)
+        first = len(calls) == 1
+        return {"step": 7 if first else 20, "preempted": first, "metrics": {"loss": 1.0}, "rejected": []}
+
+    monkeypatch.setattr(trainer, "train", fake_train)
+    later = []
+    steps = [Step("stage", lambda ctx: pipeline._train(ctx, "stage", "configs/speech_in_stage1.py", []),
+                  lambda ctx: {}),
+             Step("after", lambda ctx: later.append(1) or {}, lambda ctx: {}, after=("stage",))]
+    ctx = StepContext(workdir=tmp_path, quick=True, progress=False)
+    with pytest.raises(Interrupted, match="stage stopped at step 7 .*rerun the same command"):
+        run_steps(steps, ctx, log=lambda _: None)
+    assert read_state(tmp_path, "stage")["state"] == "running" and later == []
+    logs = []
+    outcomes = run_steps(steps, StepContext(workdir=tmp_path, quick=True, progress=False), log=logs.append)
+    assert [o.status for o in outcomes] == ["done", "done"] and outcomes[0].result["steps"] == 20
+    assert calls == [str(tmp_path / "stage" / "run")] * 2 and "resuming" in logs[0]

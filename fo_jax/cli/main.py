@@ -92,8 +92,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except FoJaxError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:  # Ctrl-C, or a step that stopped on SIGTERM (its message says how to go on)
+        print(f"interrupted: {e}" if str(e) else "interrupted", file=sys.stderr)
         return 130
 
 

@@ -34,7 +34,7 @@ from typing import Any, Sequence
 
 import ml_collections
 
-from fo_jax.toy.steps import Step, StepContext
+from fo_jax.toy.steps import Interrupted, Step, StepContext
 
 TOKENIZER_VOCAB = 1024
 FAST_CODEC_ITERS = {False: 20, True: 10}  # k-means iterations: full, quick
@@ -155,6 +155,9 @@ def _train(ctx: StepContext, name: str, config: str, overrides: Sequence[str],
 
     run = ctx.dir(name) / "run"
     summary = train(_preset(ctx, config, overrides), str(run), progress=ctx.progress)
+    if summary["preempted"]:  # a half-trained stage must not be recorded as done
+        raise Interrupted(f"{name} stopped at step {summary['step']} (SIGTERM), checkpoint saved; "
+                          "rerun the same command to continue")
     return {"run": _rel(ctx, run), "steps": summary["step"], "final": summary["metrics"],
             "rejected": len(summary["rejected"]), "metrics": _rel(ctx, run / "metrics.jsonl"),
             "metrics_key": metrics_key, "metrics_label": metrics_label}

@@ -12,7 +12,9 @@ in its existing folder ``WORKDIR/<name>`` (training resumes from its checkpoints
 changed clears that folder first (``clean=False`` keeps it, for content-addressed caches).
 
 A step that raises is recorded as failed (traceback in ``steps/<name>.error.txt``), the steps
-after it are not run, independent ones still are; ``run_steps`` returns every step's outcome.
+after it are not run, independent ones still are; ``run_steps`` returns every step's outcome. A
+step that raises ``Interrupted`` (it stopped on request after saving its progress) stops the whole
+run and stays ``running``, so the next run resumes it.
 """
 
 from __future__ import annotations
@@ -28,6 +30,13 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 STATE_DIR = "steps"
+
+
+class Interrupted(KeyboardInterrupt):
+    """A step stopped on request (SIGTERM, preemption) after saving its progress: not a failure.
+
+    Like Ctrl-C it ends the run with the step's record left ``running``; a rerun resumes it.
+    """
 
 
 @dataclasses.dataclass(frozen=True)
