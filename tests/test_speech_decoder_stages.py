@@ -17,7 +17,7 @@ from fo_jax.inference import llm as inference
 from fo_jax.training import trainer
 from fo_jax.training.freeze import flatten
 from fo_jax.training.stages import build_stage
-from fo_jax.training.stages.speech_decoder import answer_hidden_states
+from fo_jax.training.stages.speech_decoder import answer_hidden_states, corrupt_inputs
 from tests.speech_out_data import write_answers_manifest, write_llm_dir
 
 STEPS = 6
@@ -161,3 +161,23 @@ def test_cli_train_stage2_and_one_line_errors(data, tmp_path, capsys):
     assert main(bad) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: stage.llm_path") and err.count("\n") == 1
+
+
+def test_input_noise_replaces_a_share_of_the_codec_inputs_never_sequence_start(data):
+    inputs = jnp.broadcast_to(jnp.array([1025] + [7] * 399, jnp.int32), (64, 400))  # [start, codes...]
+    assert corrupt_inputs(inputs, 0.0, 1024, jax.random.key(0)) is inputs
+    noisy = np.asarray(corrupt_inputs(inputs, 0.3, 1024, jax.random.key(0)))
+    assert (noisy[:, 0] == 1025).all() and noisy.min() >= 0 and noisy[:, 1:].max() < 1024
+    changed = np.mean(noisy[:, 1:] != 7)
+    assert 0.28 < changed < 0.32, changed  # 25,536 draws: the share is within 2 points of 0.3
+    again = np.asarray(corrupt_inputs(inputs, 0.3, 1024, jax.random.key(1)))
+    assert (again != noisy).any()  # a new draw per step's rng
+    with pytest.raises(ConfigError, match=r"stage.input_noise must lie in \[0, 1\), got 1.0"):
+        build_stage(load_config("configs/speech_out_stage2.py:tiny", _overrides(data, **{"stage.input_noise": 1.0})))
+    noisy_stage = build_stage(load_config("configs/speech_out_stage2.py:tiny",
+                                          _overrides(data, **{"stage.input_noise": 0.5})))
+    clean_stage = build_stage(load_config("configs/speech_out_stage2.py:tiny", _overrides(data)))
+    params = clean_stage.load_params(jax.random.key(0))
+    batch = next(iter(clean_stage.dataset(0)))
+    clean, _ = clean_stage.loss(params, batch, jax.random.key(0))
+    assert float(noisy_stage.loss(params, batch, jax.random.key(0))[0]) != pytest.approx(float(clean))

@@ -66,6 +66,18 @@ def answer_hidden_states(llm_params: dict, llm: LLMConfig, dialogue_bt: jax.Arra
     return jax.lax.stop_gradient(jnp.take_along_axis(hidden, idx[:, :, None], axis=1))
 
 
+def corrupt_inputs(inputs_bt: jax.Array, rate: float, codec_vocab: int, rng: jax.Array) -> jax.Array:
+    """Teacher-forcing inputs with a ``rate`` share of the codec tokens (not sequence-start, column 0)
+    replaced by random codec tokens; the labels stay. A training-only regulariser: with its history
+    unreliable the AR decoder must follow the text context instead of replaying memorised token
+    sequences (measured on the toy world, ``configs/speech_out_stage2.py``). (B, T) -> (B, T)."""
+    if rate <= 0.0:
+        return inputs_bt
+    k_where, k_code = jax.random.split(jax.random.fold_in(rng, 11))
+    hit = jax.random.bernoulli(k_where, rate, inputs_bt.shape).at[:, 0].set(False)
+    return jnp.where(hit, jax.random.randint(k_code, inputs_bt.shape, 0, codec_vocab, inputs_bt.dtype), inputs_bt)
+
+
 def _random_llm(llm: LLMConfig, rng: jax.Array) -> dict:
     """A random LLM, drawn identically by both stages for the same seed."""
     return nn.unbox(qwen2.init_params(llm, jax.random.fold_in(rng, 7)))
@@ -101,6 +113,9 @@ class SpeechDecoderStage:
             raise ConfigError(f"model.decoder does not fit the LLM: {e}") from None
         self.trainable = tuple(s.trainable)
         self.max_text = s.max_text_len
+        self.input_noise = float(s.get("input_noise", 0.0))
+        if not 0.0 <= self.input_noise < 1.0:
+            raise ConfigError(f"stage.input_noise must lie in [0, 1), got {self.input_noise}")
         report: list[str] = []
         vocab = self.decoder.codec_vocab_size
         self.records = read_manifest(s.manifest, required=self.required,
@@ -177,6 +192,7 @@ class SpeechDecoderStage:
         frames, frame_lens = to_frames(text, batch["text_lens"], self.decoder.hidden_size)
         prefix, prefix_lens = self.prefix(params, batch)
         inputs, labels = make_targets(batch["codes"], batch["code_lens"], self.decoder)
+        inputs = corrupt_inputs(inputs, self.input_noise, self.decoder.codec_vocab_size, rng)
         logits = SpeechDecoder(self.decoder).apply({"params": params["decoder"]}, frames, frame_lens, inputs,
                                                    batch["code_lens"] + 1, prefix, prefix_lens)
         total = decoder_loss(logits, labels, self.decoder.pad_id)
