@@ -32,8 +32,10 @@ def _resolve_path(path: str) -> Path:
 def stage_variant(variant: str, variants: Sequence[str], toy_steps: dict[str, int]) -> tuple[str, int | None]:
     """A stage config's variant -> (model variant, step-count override or None).
 
-    The toy world's variants (the keys of ``toy_steps``: ``toy``, ``toy_quick``) train the ``tiny``
-    model for their own number of steps. An unknown name is a one-line error.
+    The toy world's variants (the keys of ``toy_steps``: ``toy``, ``toy_quick``) map to ``tiny``
+    with their own number of steps; a stage that gives the full ``toy`` run more (the speech-in
+    stages' larger encoder, speech-out 2's batch) checks ``variant == "toy"`` before calling. An
+    unknown name is a one-line error.
     """
     if variant not in (*variants, *toy_steps):
         raise ValueError(f"unknown variant {variant!r}; expected one of {', '.join((*variants, *toy_steps))}")
