@@ -2,10 +2,14 @@
 writes the report and its wavs, and a rerun skips every finished step.
 
 Loose thresholds that still fail on a broken pipeline: the frozen LLM bitwise unchanged, ASR
-better than 60 % WER, some spoken questions answered right, the state head right on at least half
-of the final chunks, every step done. Speech out is measured and reported but not held to its
-quick threshold (> 0 % of answers recognized): the toy's decoder does not speak held-out answers
-intelligibly yet (issue 7); the test checks that the measurement itself works.
+better than 60 % WER, the answers to spoken questions better than 60 % WER (noise instead of the
+question measured 79 %, another question's audio 97 %), the state head right on at least half of
+the final chunks, every step done.
+
+Two quick-mode rows are measured and reported but not held: speech-in -> text-out accuracy
+(> 0 % of 14 held-out questions; the quick model answers ~1 in 14 exactly, so 0 comes up by
+chance: CI saw it) and speech out (> 0 % of answers recognized: the quick decoder does not speak
+held-out answers intelligibly, issue 7); the test checks that both measurements work.
 """
 
 from __future__ import annotations
@@ -30,13 +34,16 @@ def test_toy_quick_end_to_end_and_rerun_skips(tmp_path, capsys):
     targets = {t["target"]: t for t in doc["targets"]}
     assert targets["frozen LLM fingerprint before == after"]["status"] == "PASS"
     assert targets["frozen LLM text-QA accuracy (test split)"]["status"] == "PASS"  # quick: >= 25 %
-    assert targets["speech-in -> text-out accuracy"]["status"] == "PASS"  # quick: > 0
+    assert targets["speech-in -> text-out answer WER (test split)"]["status"] == "PASS"  # quick: < 60 %
     assert min(targets[t]["status"] == "PASS" for t in targets if t.startswith("ASR WER")) is True  # < 60 %
     assert targets["state head correct on the final chunk"]["status"] == "PASS"  # quick: >= 50 %
     steps = {s["name"]: s for s in doc["steps"]}
     assert all(s["status"] == "done" for s in steps.values()), steps
     results = {name: s["result"] for name, s in steps.items()}
-    assert results["speech_in_eval"]["compiles_after_warm_up"] == 0
+    heard = results["speech_in_eval"]
+    assert heard["compiles_after_warm_up"] == 0 and heard["n"] == results["data"]["records"]["test_qa"]
+    # Train questions (seen voices): 42 % and 49 % in two runs, 86 % with noise for the question.
+    assert heard["train"]["n"] == heard["n"] and heard["train"]["answer_wer"] < 0.7, heard["train"]
     talk = results["talk"]
     assert talk["n"] == results["data"]["records"]["test_qa"] and talk["compiles_after_warm_up"] == 0
     assert talk["answered"] + talk["dropped"] + talk["undecided"] == talk["n"]

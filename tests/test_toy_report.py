@@ -91,3 +91,23 @@ def test_report_draws_the_latency_table(tmp_path):
     assert "Speech in -> speech out (pocketsphinx on the spoken answers): **25.0 %**" in md
     assert "answered 3, dropped 1, undecided 0" in md
     assert (tmp_path / "plots" / "latency.png").stat().st_size > 1000
+
+
+def test_report_speech_in_answer_wer_target_and_train_questions(tmp_path):
+    ev = {"accuracy": 0.0, "n": 14, "answer_wer": 0.38, "by_category": {"plus": 0.0}, "compiles_after_warm_up": 0,
+          "errors": [{"question": "What is six plus four?", "expected": "Six plus four is ten.",
+                      "answer": "Six plus four is eight."}],
+          "train": {"accuracy": 0.5, "n": 14, "answer_wer": 0.2, "by_category": {"plus": 0.5}, "errors": []}}
+    run = RunInfo(tmp_path, quick=True, outcomes=[Outcome("speech_in_eval", "done", result=ev)], budget_s=600)
+    rows = evaluate_targets(run)
+    assert _status(rows, "speech-in -> text-out accuracy")["status"] == NOT_RUN  # needs text_eval's accuracy
+    assert _status(rows, "speech-in -> text-out answer WER")["status"] == PASS  # quick: < 60 %
+    run.quick = False
+    assert _status(evaluate_targets(run), "speech-in -> text-out answer WER")["status"] == FAIL  # full: <= 10 %
+    ev["answer_wer"] = 0.8
+    run.quick = True
+    assert _status(evaluate_targets(run), "speech-in -> text-out answer WER")["status"] == FAIL
+    md = write_report(tmp_path, run)["markdown"].read_text()
+    assert "**0.0 %** of 14 spoken test questions (answer WER 80.0 %)" in md
+    assert "The same on 14 train questions" in md and "**50.0 %** (answer WER 20.0 %)" in md
+    assert "| What is six plus four? | Six plus four is ten. | Six plus four is eight. |" in md

@@ -169,7 +169,8 @@ def test_tiny_build_end_to_end_and_cached(tmp_path, monkeypatch):
     assert info["synthesized"]["user"] > 0 and info["synthesized"]["assistant"] == 4 + 2
     m = {k: p for k, p in paths.items() if k != "info"}
     audio_fields = {"asr_train": ["audio", "text"], "asr_test": ["audio", "text"], "speech_out": ["audio", "text"],
-                    "speech_out_answers": ["audio", "text", "question"], "test_qa": ["audio", "text", "answer"]}
+                    "speech_out_answers": ["audio", "text", "question"], "test_qa": ["audio", "text", "answer"],
+                    "train_qa": ["audio", "text", "answer"]}
     recs = {k: read_manifest(m[k], required=req, validate=check_audio, policy="strict")
             for k, req in audio_fields.items()}
     for k in ("dialogues_train", "dialogues_test"):
@@ -196,6 +197,12 @@ def test_tiny_build_end_to_end_and_cached(tmp_path, monkeypatch):
     train_texts = ({r["text"] for k in ("asr_train", "speech_out", "speech_out_answers") for r in recs[k]}
                    | {t["text"] for d in recs["dialogues_train"] for t in d["turns"]})
     assert not train_texts & test_q
+    # train_qa: as many train questions as test ones, each a clip the ASR stages train on.
+    asr_clips = {(r["audio"], r["text"]) for r in recs["asr_train"] if r["kind"] == "question"}
+    assert len(recs["train_qa"]) == len(recs["test_qa"])
+    assert {(r["audio"], r["text"]) for r in recs["train_qa"]} <= asr_clips
+    train_pairs = {(p.question, p.answer) for p in w.split("train")}
+    assert {(r["text"], r["answer"]) for r in recs["train_qa"]} <= train_pairs
     turns = [t for d in recs["dialogues_train"] for t in d["turns"]]
     assert all(t["answer"] for t in turns if t["addressed"]) and any(not t["addressed"] for t in turns)
     assert all(t["answer"] == "" for t in turns if not t["addressed"])

@@ -13,10 +13,13 @@
     manifests/speech_out.jsonl          {"audio", "text"}: assistant voice, codec + decoder stage 2
     manifests/speech_out_answers.jsonl  {"audio", "text", "question"}: train answers, decoder stage 3
     manifests/test_qa.jsonl             {"audio", "text", "answer", "answer_audio", ...}: evaluation
+    manifests/train_qa.jsonl            {"audio", "text", "answer", ...}: as many train questions, each in
+                                          one of its training voices (seen speech: a pipeline check)
     build_info.json                     sizes, counts, clips synthesized this run, seconds
 
 Audio paths are relative to the manifest's folder. Every speech manifest except the test ones
-holds train-split utterances only; the text LLM's manifest holds all Q&A (see fo_jax.toy.world).
+holds train-split utterances only (``train_qa`` evaluates on speech heard in training); the text
+LLM's manifest holds all Q&A (see fo_jax.toy.world).
 User clips carry ``voice``, ``duration`` and ``speech_end`` (seconds to the last voiced 10 ms
 frame: where the user stops speaking, for endpoint-delay measurement).
 
@@ -147,7 +150,7 @@ def build_world(workdir: str | os.PathLike, quick: bool = False, seed: int = 0, 
 
     Returns:
       {"text_llm", "text_test", "asr_train", "asr_test", "dialogues_train", "dialogues_test",
-       "speech_out", "speech_out_answers", "test_qa", "info"} -> file paths.
+       "speech_out", "speech_out_answers", "test_qa", "train_qa", "info"} -> file paths.
     """
     started = time.time()
     sizes = sizes or (QUICK if quick else FULL)
@@ -158,6 +161,8 @@ def build_world(workdir: str | os.PathLike, quick: bool = False, seed: int = 0, 
     rng = random.Random(f"build/{seed}")
     train_qa = stratified_subset(world.split("train"), sizes.train_questions, rng)
     test_qa = stratified_subset(world.split("test"), sizes.test_questions, rng)
+    # Its own rng: adding this sample leaves every other selection (and cached clip) unchanged.
+    seen_qa = stratified_subset(train_qa, len(test_qa), random.Random(f"seen/{seed}"))
     train_asides = _take(world.asides_of("train"), sizes.train_asides, rng)
     test_asides = _take(world.asides_of("test"), sizes.test_asides, rng)
     heard = [p.question for p in train_qa] + [a.text for a in train_asides]
@@ -212,6 +217,8 @@ def build_world(workdir: str | os.PathLike, quick: bool = False, seed: int = 0, 
         "test_qa": [clips.record(path, id=p.id, category=p.category, text=p.question, answer=p.answer,
                                  answer_audio=os.path.relpath(answers_test[p.id], mdir), voice=v.name)
                     for p in test_qa for v, path in user(p.question, 1)],
+        "train_qa": [clips.record(path, id=p.id, category=p.category, text=p.question, answer=p.answer, voice=v.name)
+                     for p in seen_qa for v, path in user(p.question, 1)],  # the first of its ASR voices
     }
     paths = {}
     for name, records in manifests.items():

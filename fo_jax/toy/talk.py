@@ -2,7 +2,8 @@
 i.e. the streaming program a user talks to, on the held-out test split.
 
 - ``speech_in_eval``: each spoken test question through the listen path (the whole question, no
-  early decision), then a greedy text answer: speech-in -> text-out accuracy.
+  early decision), then a greedy text answer: speech-in -> text-out accuracy; the same on as many
+  train questions in a voice heard in training (a pipeline check that does not need generalization).
 - ``state_eval``: each test dialogue turn by turn, as stage 3 lays it out (addressed turns followed
   by their reference answers, asides dropped); the state head's decision on each turn's final
   chunk against its label (addressed -> start speaking, aside -> stop listening).
@@ -87,22 +88,37 @@ def _accuracy(records: list[dict], ok: list[bool]) -> dict[str, Any]:
             "by_category": {c: float(np.mean(v)) for c, v in sorted(by_cat.items())}}
 
 
-def speech_in_eval(engine: Engine, test_qa: str | os.PathLike, progress: bool = True) -> dict[str, Any]:
-    """Speech-in -> text-out accuracy on the spoken test questions (``test_qa.jsonl``)."""
-    records, base = _records(test_qa)
+def _spoken_answers(engine: Engine, manifest: str | os.PathLike, desc: str, progress: bool) -> dict[str, Any]:
+    """Accuracy of the greedy text answers to a manifest's spoken questions (each heard whole)."""
+    records, base = _records(manifest)
     answers = []
-    engine.warm_up(MAX_LEN, DEFAULT_ROLE)
-    warm = engine.compiles.count
-    for r in _bar(records, "speech in -> text out", progress):
+    for r in _bar(records, desc, progress):
         conv = _conversation(engine)
         conv.listen(whole_chunks(_user_audio(r, base)), decide=False)
         reply = conv.respond(speech=False)
         reply.read()
         answers.append(reply.text.strip())
     ok = [answer_matches(a, r["answer"]) for a, r in zip(answers, records)]
-    return {**_accuracy(records, ok), "compiles_after_warm_up": engine.compiles.count - warm,
+    # Word errors of the answers: a graded signal beside the all-or-nothing accuracy (an answer that
+    # repeats the heard question with a wrong result is closer than one to another question).
+    return {**_accuracy(records, ok), "answer_wer": wer([r["answer"] for r in records], answers),
             "errors": [{"question": r["text"], "expected": r["answer"], "answer": a}
                        for r, a, good in zip(records, answers, ok) if not good]}
+
+
+def speech_in_eval(engine: Engine, test_qa: str | os.PathLike, train_qa: str | os.PathLike | None = None,
+                   progress: bool = True) -> dict[str, Any]:
+    """Speech-in -> text-out accuracy on the spoken test questions (``test_qa.jsonl``).
+
+    With ``train_qa`` (questions and voices heard in training), the same on them under ``"train"``:
+    it separates a broken pipeline (seen questions fail too) from one that does not generalize.
+    """
+    engine.warm_up(MAX_LEN, DEFAULT_ROLE)
+    warm = engine.compiles.count
+    out = _spoken_answers(engine, test_qa, "speech in -> text out", progress)
+    if train_qa is not None:
+        out["train"] = _spoken_answers(engine, train_qa, "speech in -> text out (train questions)", progress)
+    return {**out, "compiles_after_warm_up": engine.compiles.count - warm}
 
 
 def state_eval(engine: Engine, dialogues_test: str | os.PathLike, progress: bool = True) -> dict[str, Any]:
