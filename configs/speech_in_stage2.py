@@ -18,7 +18,7 @@ from fo_jax.toy.world import TRANSCRIBE_PREFIX
 
 # The toy world's runs (``fo-jax toy`` / ``--quick``): the tiny model (the full run with
 # ``freeze_omni.py:toy``'s encoder), these many steps.
-TOY_STEPS = {"toy": 1200, "toy_quick": 800}
+TOY_STEPS = {"toy": 1000, "toy_quick": 800}  # full: see speech_in_stage1.py
 
 
 def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
