@@ -6,6 +6,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import json
+import re
 from pathlib import Path
 
 import jax
@@ -18,7 +19,7 @@ from fo_jax.models.configs import ModelConfig
 from fo_jax.text.tokenizer import chatml, train_bpe_tokenizer
 from fo_jax.training import trainer
 from fo_jax.training.checkpoint import TrainCheckpointer
-from fo_jax.training.freeze import flatten, merge, split_trainable
+from fo_jax.training.freeze import flatten, merge, split_trainable, unflatten
 from fo_jax.training.speech_common import init_speech_llm
 from fo_jax.training.stages import build_stage
 from fo_jax.training.step import frozen_objective
@@ -65,20 +66,23 @@ def speech_world(root: Path) -> None:
 
 
 def fake_speech_run(workdir: Path, model: ModelConfig, parts=("encoder", "adapter", "task_embeddings"),
-                    seed: int = 7) -> dict:
-    """A checkpoint shaped like a finished speech-in run of ``model`` (random trained ``parts``,
-    CMVN statistics in its meta), written without training. Returns its trainable tree."""
+                    seed: int = 7, frozen: str | None = None, stage: dict | None = None) -> dict:
+    """A checkpoint shaped like a finished speech-in run of ``model`` (random trained ``parts``
+    less the leaves matching ``frozen``, CMVN statistics and ``stage`` config fields in its meta),
+    written without training. Returns its trainable tree."""
     params = init_speech_llm(model, jax.random.key(seed), with_llm=False)
     params["encoder"] = {k: v for k, v in params["encoder"].items() if not k.startswith("cmvn_")}
-    params["ctc"] = {"kernel": np.ones((3, 2), np.float32)}  # stage 1's head, not used later
+    params["ctc"] = {"kernel": np.full((3, 2), seed, np.float32)}  # stage 1's head, not used later
     trainable = {part: params[part] for part in parts}
+    if frozen:
+        trainable = unflatten({k: v for k, v in flatten(trainable).items() if not re.search(frozen, k)})
     rng = np.random.default_rng(seed)
     frames = 1000
     mean = rng.normal(5.0, 1.0, 80)
     stats = {"mean_stat": (mean * frames).tolist(), "var_stat": ((mean ** 2 + 4.0) * frames).tolist(),
              "frame_num": frames}
     meta = {"config": {"model": {"encoder": dataclasses.asdict(model.encoder),
-                                 "adapter": dataclasses.asdict(model.adapter)}},
+                                 "adapter": dataclasses.asdict(model.adapter)}, "stage": stage or {}},
             "frozen_fingerprint": "not checked", "cmvn_stats": stats}
     ckpt = TrainCheckpointer(workdir, save_every=1, async_save=False)
     ckpt.save(1, trainable, {"count": np.zeros((), np.int32)}, jax.random.key(0), {}, meta, force=True)

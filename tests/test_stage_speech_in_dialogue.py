@@ -1,6 +1,8 @@
 """Speech-in stage 3 (prompt embeddings + state head on spoken dialogues): the training sequence is
 what streaming inference feeds, labels, frozen weights, gradients through the frozen LLM."""
 
+import shutil
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,13 +10,13 @@ import pytest
 
 from fo_jax.cli.main import main
 from fo_jax.config import load_config
-from fo_jax.errors import LoadError
+from fo_jax.errors import ConfigError, LoadError
 from fo_jax.inference import session as S
 from fo_jax.inference.dialogue import Event
 from fo_jax.inference.sampling import SamplingConfig
 from fo_jax.models.audio_llm import SOURCE_AUDIO, SOURCE_PROMPT, SOURCE_TEXT, state_probs
 from fo_jax.training.freeze import fingerprint, flatten
-from fo_jax.training.speech_common import init_speech_llm
+from fo_jax.training.speech_common import graft, init_speech_llm, load_speech_run
 from fo_jax.training.stages import build_stage
 from fo_jax.training.stages.speech_in_dialogue import Turn
 from tests.speech_stage_utils import (assert_moments_only_for, fake_speech_run, speech_world, stage_gradients,
@@ -232,3 +234,52 @@ def test_state_cross_entropy_plain_and_balanced():
     # a batch with no labelled chunk gives 0, not NaN
     zero, _ = state_cross_entropy(logits, pos, labels, jnp.zeros_like(w), balanced=True)
     assert float(zero) == 0.0
+
+
+def test_graft_keeps_only_the_leaves_it_is_told_to():
+    ours = {"encoder": {"conv": np.zeros(2, np.float32), "layer": np.zeros(3, np.float32)}}
+    trained = {"encoder": {"layer": np.ones(3, np.float32)}}
+    out = graft(ours, trained, "run", keep=r"^encoder/conv")
+    np.testing.assert_array_equal(out["encoder"]["layer"], np.ones(3))
+    np.testing.assert_array_equal(out["encoder"]["conv"], np.zeros(2))  # kept: the run does not hold it
+    with pytest.raises(ConfigError, match="run has no param 'encoder/conv'"):
+        graft(ours, trained, "run")
+    with pytest.raises(ConfigError, match="'encoder/layer' has shape"):
+        graft(ours, {"encoder": {"layer": np.ones(4, np.float32)}}, "run", keep=r"conv")
+    with pytest.raises(ConfigError, match="'encoder/extra', which this config does not"):
+        graft(ours, {"encoder": {"layer": np.ones(3, np.float32), "extra": np.ones(1)}}, "run", keep=r"conv")
+
+
+def test_frozen_leaves_come_from_the_run_each_stage_started_from(world, tmp_path):
+    """A checkpoint holds only what trained there: leaves a stage kept frozen (here the subsampling
+    convs in stages 2 and 3) are read from its start run, followed back to stage 1."""
+    model = _stage(world).model
+    sub = r"^encoder/subsampling/"
+    s1 = fake_speech_run(tmp_path / "s1", model, parts=("encoder", "ctc"), seed=1)
+    s2 = fake_speech_run(tmp_path / "s2", model, seed=2, frozen=sub, stage={"encoder_from": str(tmp_path / "s1")})
+    s3 = fake_speech_run(tmp_path / "s3", model, parts=("encoder", "prompt_embeddings", "state_head"), seed=3,
+                         frozen=sub, stage={"speech_from": str(tmp_path / "s2")})
+    assert not any(k.startswith("subsampling/") for k in flatten(s2["encoder"]))
+    params, meta = load_speech_run(tmp_path / "s3")
+    got, want = flatten(params), flatten(s3)
+    for path, value in flatten(s1).items():  # stage 1's subsampling and CTC head
+        if path.startswith(("encoder/subsampling/", "ctc/")):
+            np.testing.assert_array_equal(got[path], value, err_msg=path)
+    for path, value in flatten({"adapter": s2["adapter"], "task_embeddings": s2["task_embeddings"]}).items():
+        np.testing.assert_array_equal(got[path], value, err_msg=path)
+    for path, value in want.items():  # stage 3's own leaves win over the earlier runs'
+        np.testing.assert_array_equal(got[path], value, err_msg=path)
+    assert "start_run_missing" not in meta
+
+    # stage 3 training from that stage-2 run starts with stage 1's convs and stage 2's other leaves
+    stage = build_stage(_config(world, f"stage.speech_from={tmp_path / 's2'}"))
+    start = flatten(stage.load_params(jax.random.key(0)))
+    conv = next(p for p in flatten(s1) if p.startswith("encoder/subsampling/"))
+    np.testing.assert_array_equal(start[conv], flatten(s1)[conv])
+    np.testing.assert_array_equal(start["adapter/" + next(iter(flatten(s2["adapter"])))],
+                                  next(iter(flatten(s2["adapter"]).values())))
+
+    shutil.rmtree(tmp_path / "s1")  # the convs' only holder is gone: a one-line error naming it
+    assert load_speech_run(tmp_path / "s3")[1]["start_run_missing"] == str(tmp_path / "s1")
+    with pytest.raises(ConfigError, match=r"started from .*s1, which is gone.*no param 'subsampling/"):
+        stage.load_params(jax.random.key(0))

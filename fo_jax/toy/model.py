@@ -39,11 +39,11 @@ def write_bundle(out_dir: str | os.PathLike, llm_path: str | os.PathLike, runs: 
     """Writes the native bundle (LLM inside, in ``out_dir/llm``).
 
     Args:
-      runs: workdirs of the "speech_in_llm", "speech_in_dialogue", "speech_decoder" and
-        "speech_prefix" runs.
+      runs: workdirs of the "speech_in_dialogue" (which names its stage-2 run), "speech_decoder"
+        and "speech_prefix" runs.
       codec_dir: the fast mel codec (``MelVQCodec.save``).
     """
-    stage, model, audio = speech_llm(llm_path, runs["speech_in_llm"], runs["speech_in_dialogue"])
+    stage, model, audio = speech_llm(llm_path, runs["speech_in_dialogue"])
     decoder, decoder_params = trained_decoder(runs["speech_decoder"], runs["speech_prefix"], model.llm.hidden_size)
     codec = MelVQCodec.load(codec_dir)
     config = dataclasses.replace(model, decoder=decoder, codec=codec.config)

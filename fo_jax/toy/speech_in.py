@@ -4,8 +4,8 @@ speech-input model (encoder, adapter, heads around the frozen LLM) that the bund
 - ``ctc_transcripts``: speech-in stage 1, the encoder + CTC head, greedy best path (no LM).
 - ``llm_transcripts``: speech-in stage 2, the frozen LLM asked to transcribe in the stage's own
   layout (``stage.instruction``, then ``[audio] speech [/audio]``), greedy.
-- ``speech_llm``: AudioLLM config and params from a stage-2 run (encoder, adapter, task
-  embeddings, CMVN) and optionally a stage-3 run (prompt embeddings, state head).
+- ``speech_llm``: AudioLLM config and params of a stage-2 run (encoder, adapter, task
+  embeddings, CMVN) or a stage-3 run (those, prompt embeddings, state head).
 
 The transcribers batch utterances at one padded shape, so each compiles once.
 """
@@ -35,12 +35,12 @@ from fo_jax.text.char_vocab import CharVocab
 from fo_jax.toy.synth import wer
 from fo_jax.toy.world import normalize
 from fo_jax.training.checkpoint import load_trained
-from fo_jax.training.speech_common import cmvn_params, graft, sequence_forward, start_params
+from fo_jax.training.speech_common import cmvn_params, sequence_forward, start_params
 from fo_jax.training.stages import build_stage
 
 BATCH = 16
 SPEECH_PARTS = {"encoder": r"^cmvn_", "adapter": None, "task_embeddings": None}  # stage 2's, CMVN aside
-DIALOGUE_PARTS = ("prompt_embeddings", "state_head")  # stage 3's, at least (the toy's: encoder, adapter too)
+DIALOGUE_PARTS = ("prompt_embeddings", "state_head")  # stage 3's
 
 
 def _run_config(meta: dict, **stage: Any) -> ml_collections.ConfigDict:
@@ -50,26 +50,21 @@ def _run_config(meta: dict, **stage: Any) -> ml_collections.ConfigDict:
     return cfg
 
 
-def speech_llm(llm_path: str | os.PathLike, speech_run: str | os.PathLike,
-               dialogue_run: str | os.PathLike | None = None) -> tuple[Any, ModelConfig, dict]:
-    """(stage, model config, AudioLLM params) of trained speech-in runs around the LLM in ``llm_path``.
+def speech_llm(llm_path: str | os.PathLike, run: str | os.PathLike) -> tuple[Any, ModelConfig, dict]:
+    """(stage, model config, AudioLLM params) of a trained speech-in run around the LLM in ``llm_path``.
 
-    ``stage`` is the stage-2 (or, with ``dialogue_run``, stage-3) stage object built without data:
-    its chat template, tokenizer and layouts. Params: the LLM's weights, the stage-2 run's encoder,
-    adapter, task embeddings and CMVN, the stage-3 run's prompt embeddings and state head (random
-    without it).
+    ``run`` is a stage-2 or stage-3 run; ``stage`` is its stage object built without data (chat
+    template, tokenizer, layouts). Params: the LLM's weights, then the run's encoder, adapter, task
+    embeddings and CMVN (each leaf from the latest run that trained it: ``load_speech_run``), and a
+    stage-3 run's prompt embeddings and state head (random for a stage-2 run).
     """
-    run = dialogue_run or speech_run
     meta = load_trained(run)[1]
     stage = build_stage(_run_config(meta, manifest="", llm_path=str(llm_path), tokenizer=""))
-    params, stats = start_params(stage.llm, stage.model, jax.random.key(0), str(speech_run), SPEECH_PARTS,
-                                 f"speech-in 2 run {speech_run}")
+    dialogue = meta["config"]["stage"]["name"] == "speech_in_dialogue"
+    parts = SPEECH_PARTS | (dict.fromkeys(DIALOGUE_PARTS) if dialogue else {})
+    params, stats = start_params(stage.llm, stage.model, jax.random.key(0), str(run), parts,
+                                 f"speech-in {3 if dialogue else 2} run {run}")
     params["encoder"] = {**params["encoder"], **cmvn_params(stats)}
-    if dialogue_run is not None:
-        trained = load_trained(dialogue_run)[0]
-        for part in sorted(set(DIALOGUE_PARTS) | set(trained)):
-            params[part] = graft(params[part], trained[part], f"speech-in 3 run {dialogue_run}",
-                                 keep=SPEECH_PARTS.get(part))
     return stage, stage.model, params
 
 
