@@ -79,7 +79,7 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
         # toy's turns have at most 20): 0.63 -> 0.32 s per step on the full world. Measured (full
         # world, same earlier stages): speech in -> text out 18.6 % at 400 streaming steps, 27.1 % at
         # 800 (574 s), 23.7 % at 800 this way (268 s); state head 89.5 / 86.0 %. The full preset is
-        # 700 steps to keep the whole run within 30 minutes (800 took 30.1; README, toy world).
+        # 700 steps to keep the whole run within 30 minutes (800: 30.1 min, 700: 29.4; README, toy world).
         cfg.stage.trainable = [r"^prompt_embeddings/", r"^state_head/", r"^encoder/(?!cmvn_|subsampling/)",
                                r"^adapter/"]
         cfg.stage.streaming_encoder = False
