@@ -18,7 +18,7 @@ from fo_jax.toy.world import TRANSCRIBE_PREFIX
 
 # The toy world's runs (``fo-jax toy`` / ``--quick``): the tiny model (the full run with
 # ``freeze_omni.py:toy``'s encoder), these many steps.
-TOY_STEPS = {"toy": 1000, "toy_quick": 800}  # full: see speech_in_stage1.py
+TOY_STEPS = {"toy": 1500, "toy_quick": 800}  # full: see speech_in_stage1.py
 
 
 def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
@@ -67,7 +67,9 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
     })
     if toy_steps:
         cfg.stage.steps = toy_steps
-        cfg.optimizer.update(schedule="cosine")  # as speech-in 1 (there: why)
+        # As speech-in 1 (there: why). lr 1e-3 instead of 2e-3 (full world, same stage 1): transcript
+        # WER 39.3 -> 33.8 %, but speech in -> text out unchanged (28.8 %), state head 87.2 -> 83.7 %.
+        cfg.optimizer.update(schedule="cosine")
         cfg.stage.spec_augment = {}
         cfg.model.adapter.prompt_num = 25  # stage 3's (it checks the model matches this run's)
     return cfg

@@ -97,6 +97,23 @@ def test_stream_equals_full_forward_where_positions_coincide(ten_seconds):
     assert chunk_errors(strict, full).max() <= 1e-5
 
 
+def test_narrow_subsampling_channels():
+    """``subsampling_channels`` sets the conv widths only (0: the release's, the encoder's width);
+    the streaming step still equals the whole forward."""
+    assert init_encoder_params(ENC, jax.random.PRNGKey(0))["subsampling"]["conv_1"]["kernel"].value.shape == \
+        (ENC.hidden_size, ENC.hidden_size, 3, 3)
+    cfg = dataclasses.replace(STRICT, subsampling_channels=8)
+    params = random_params(cfg)
+    sub = params["subsampling"]
+    assert sub["conv_0"]["kernel"].shape == (8, 1, 3, 3) and sub["conv_1"]["kernel"].shape == (8, 8, 3, 3)
+    assert sub["out"]["kernel"].shape == (cfg.hidden_size, 8 * 19)  # torch (out, in): 80 bins -> 19
+    padded = np.concatenate([np.zeros((1, 3, ENC.input_dim), np.float32), fbank(16 * 6)], 1)
+    full, _ = forward(params, cfg, jnp.asarray(padded), jnp.full((1,), padded.shape[1]))
+    assert full.shape == (1, 24, cfg.hidden_size)
+    streamed, _ = stream(cfg, params, padded, 6)
+    np.testing.assert_allclose(streamed, full, atol=1e-5)
+
+
 def test_official_positions_quirk():
     """Key positions of the valid slots, by call number n (index 4 n before the call)."""
     def valid_positions(cfg, call, frames=None):

@@ -99,6 +99,20 @@ def test_stage3_trains_only_the_prefix_stack(data, stage2, stage3):
     assert ce[-1] < ce[0], ce
 
 
+def test_trained_decoder_joins_the_prefix_run_and_the_run_it_started_from(data, stage2, stage3):
+    """What a bundle gets (fo_jax.toy.model): stage 3's prefix stack over stage 2's shared decoder."""
+    from fo_jax.toy.model import trained_decoder
+
+    config, params = trained_decoder(data["root"] / "stage3", llm_hidden_size=64)
+    assert config.use_prefix and config.llm_hidden_size == 64
+    got = flatten(params)
+    want = flatten(jax.device_get(stage2[1]["trainable"])["decoder"]) | \
+        flatten(jax.device_get(stage3["trainable"])["decoder"])
+    assert set(got) == set(want) and any(p.startswith("layers_prefix_") for p in got)
+    for path, value in want.items():
+        np.testing.assert_array_equal(got[path], value, err_msg=path)
+
+
 def test_stage3_gradients_reach_the_prefix_stack_and_stop_at_the_llm(stage3_cfg):
     stage = build_stage(stage3_cfg)
     params = stage.load_params(jax.random.key(0))

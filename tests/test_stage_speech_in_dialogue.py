@@ -15,8 +15,9 @@ from fo_jax.inference import session as S
 from fo_jax.inference.dialogue import Event
 from fo_jax.inference.sampling import SamplingConfig
 from fo_jax.models.audio_llm import SOURCE_AUDIO, SOURCE_PROMPT, SOURCE_TEXT, state_probs
+from fo_jax.training.checkpoint import load_lineage
 from fo_jax.training.freeze import fingerprint, flatten
-from fo_jax.training.speech_common import graft, init_speech_llm, load_speech_run
+from fo_jax.training.speech_common import graft, init_speech_llm
 from fo_jax.training.stages import build_stage
 from fo_jax.training.stages.speech_in_dialogue import Turn
 from tests.speech_stage_utils import (assert_moments_only_for, fake_speech_run, speech_world, stage_gradients,
@@ -260,7 +261,7 @@ def test_frozen_leaves_come_from_the_run_each_stage_started_from(world, tmp_path
     s3 = fake_speech_run(tmp_path / "s3", model, parts=("encoder", "prompt_embeddings", "state_head"), seed=3,
                          frozen=sub, stage={"speech_from": str(tmp_path / "s2")})
     assert not any(k.startswith("subsampling/") for k in flatten(s2["encoder"]))
-    params, meta = load_speech_run(tmp_path / "s3")
+    params, meta = load_lineage(tmp_path / "s3")
     got, want = flatten(params), flatten(s3)
     for path, value in flatten(s1).items():  # stage 1's subsampling and CTC head
         if path.startswith(("encoder/subsampling/", "ctc/")):
@@ -280,6 +281,6 @@ def test_frozen_leaves_come_from_the_run_each_stage_started_from(world, tmp_path
                                   next(iter(flatten(s2["adapter"]).values())))
 
     shutil.rmtree(tmp_path / "s1")  # the convs' only holder is gone: a one-line error naming it
-    assert load_speech_run(tmp_path / "s3")[1]["start_run_missing"] == str(tmp_path / "s1")
+    assert load_lineage(tmp_path / "s3")[1]["start_run_missing"] == str(tmp_path / "s1")
     with pytest.raises(ConfigError, match=r"started from .*s1, which is gone.*no param 'subsampling/"):
         stage.load_params(jax.random.key(0))

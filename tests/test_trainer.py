@@ -112,12 +112,17 @@ def test_compile_only_on_8_fake_devices_shards_the_state(corpus):
 
 def test_load_trained_gives_the_runs_trainable_params(tmp_path, corpus):
     from fo_jax.errors import LoadError
-    from fo_jax.training.checkpoint import load_trained
+    from fo_jax.training.checkpoint import load_run_meta, load_trained
 
     cfg = load_config("configs/text_llm.py:tiny", _overrides(corpus, 3))
     summary = trainer.train(cfg, tmp_path / "run", progress=False)
     params, meta = load_trained(tmp_path / "run")
     assert meta["step"] == 3 and meta["frozen_fingerprint"] == summary["frozen_fingerprint"]
     jax.tree.map(np.testing.assert_array_equal, params, jax.device_get(summary["trainable"]))
-    with pytest.raises(LoadError, match="no training run here"):
-        load_trained(tmp_path / "nothing")
+    assert load_run_meta(tmp_path / "run") == meta  # the same meta, arrays not read
+    for load in (load_trained, load_run_meta):
+        with pytest.raises(LoadError, match="no training run here"):
+            load(tmp_path / "nothing")
+    (tmp_path / "empty" / "checkpoints").mkdir(parents=True)
+    with pytest.raises(LoadError, match="no complete checkpoint"):
+        load_run_meta(tmp_path / "empty")

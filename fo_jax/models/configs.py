@@ -144,6 +144,9 @@ class EncoderConfig:
     num_layers: int = 24
     num_heads: int = 16
     ffn_size: int = 4096
+    # Conv2d subsampling channels; 0 = hidden_size (the release). Narrower convs cut most of a
+    # small encoder's compute (the toy world's CPU runs); not an option of the official code.
+    subsampling_channels: int = 0
     chunk_size: int = 4  # encoder frames per streaming chunk; <= 0: full attention (forward only)
     left_chunks: int = 16  # < 0: unlimited left context (forward only)
     dynamic_chunks: bool = False  # training: random chunk size / left chunks per batch (WeNet style)

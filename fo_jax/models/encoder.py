@@ -131,7 +131,8 @@ class StridedConv3x3(nn.Module):
 
 
 class Conv2dSubsampling(nn.Module):
-    """Two 3x3 stride-2 convs (1 -> D -> D channels, ReLU), then Linear(D * F' -> D).
+    """Two 3x3 stride-2 convs (1 -> C -> C channels, ReLU), then Linear(C * F' -> D); C =
+    ``subsampling_channels`` or, when 0 (the release), D.
 
     Params: conv_0, conv_1 (``StridedConv3x3``), out (``Linear``, input ordered (channel, freq) as
     the official flatten).
@@ -144,8 +145,9 @@ class Conv2dSubsampling(nn.Module):
         """(B, T, F) -> (B, ((T - 1) // 2 - 1) // 2, D) float32."""
         cfg = self.config
         dtype, pdtype, d = to_dtype(cfg.dtype), to_dtype(cfg.param_dtype), cfg.hidden_size
-        x = nn.relu(StridedConv3x3(d, dtype, pdtype, name="conv_0")(x_btf[..., None]))
-        x = nn.relu(StridedConv3x3(d, dtype, pdtype, name="conv_1")(x))  # (B, T', F', D)
+        channels = cfg.subsampling_channels or d
+        x = nn.relu(StridedConv3x3(channels, dtype, pdtype, name="conv_0")(x_btf[..., None]))
+        x = nn.relu(StridedConv3x3(channels, dtype, pdtype, name="conv_1")(x))  # (B, T', F', C)
         b, t, f, c = x.shape
         x = x.astype(dtype).transpose(0, 1, 3, 2).reshape(b, t, c * f)
         return Linear(d, names=("embed", "mlp"), dtype=dtype, param_dtype=pdtype, name="out")(x)

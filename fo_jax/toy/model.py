@@ -16,22 +16,23 @@ from pathlib import Path
 import ml_collections
 
 from fo_jax.config import model_config
+from fo_jax.errors import LoadError
 from fo_jax.inference.bundle import save_bundle
 from fo_jax.models.configs import SpeechDecoderConfig
 from fo_jax.models.mel_codec import MelVQCodec
 from fo_jax.toy.speech_in import speech_llm
-from fo_jax.training.checkpoint import load_trained
-from fo_jax.training.freeze import flatten, unflatten
+from fo_jax.training.checkpoint import load_lineage
 
 
-def trained_decoder(decoder_run: str | os.PathLike, prefix_run: str | os.PathLike,
-                    llm_hidden_size: int) -> tuple[SpeechDecoderConfig, dict]:
-    """The speech decoder of a ``speech_decoder`` run completed by a ``speech_prefix`` run's prefix stack."""
-    shared, _ = load_trained(decoder_run)
-    prefix, meta = load_trained(prefix_run)
+def trained_decoder(prefix_run: str | os.PathLike, llm_hidden_size: int) -> tuple[SpeechDecoderConfig, dict]:
+    """The speech decoder of a ``speech_prefix`` run: its prefix stack over the shared decoder of the
+    ``speech_decoder`` run it started from (``load_lineage``)."""
+    params, meta = load_lineage(prefix_run)
+    if "start_run_missing" in meta:
+        raise LoadError(f"{prefix_run}: its speech_decoder run {meta['start_run_missing']} is gone")
     config = dataclasses.replace(model_config(ml_collections.ConfigDict(meta["config"])).decoder,
                                  llm_hidden_size=llm_hidden_size, use_prefix=True)
-    return config, unflatten(flatten(shared["decoder"]) | flatten(prefix["decoder"]))
+    return config, params["decoder"]
 
 
 def write_bundle(out_dir: str | os.PathLike, llm_path: str | os.PathLike, runs: dict[str, str | os.PathLike],
@@ -39,12 +40,12 @@ def write_bundle(out_dir: str | os.PathLike, llm_path: str | os.PathLike, runs: 
     """Writes the native bundle (LLM inside, in ``out_dir/llm``).
 
     Args:
-      runs: workdirs of the "speech_in_dialogue" (which names its stage-2 run), "speech_decoder"
-        and "speech_prefix" runs.
+      runs: workdirs of the "speech_in_dialogue" and "speech_prefix" runs (each names the run it
+        started from, followed back to stage 1: keep those too).
       codec_dir: the fast mel codec (``MelVQCodec.save``).
     """
     stage, model, audio = speech_llm(llm_path, runs["speech_in_dialogue"])
-    decoder, decoder_params = trained_decoder(runs["speech_decoder"], runs["speech_prefix"], model.llm.hidden_size)
+    decoder, decoder_params = trained_decoder(runs["speech_prefix"], model.llm.hidden_size)
     codec = MelVQCodec.load(codec_dir)
     config = dataclasses.replace(model, decoder=decoder, codec=codec.config)
     return save_bundle(out_dir, config, {"audiollm": audio, "decoder": decoder_params,

@@ -235,7 +235,7 @@ def _speech_prefix(ctx: StepContext) -> dict[str, Any]:
 def _model(ctx: StepContext) -> dict[str, Any]:
     from fo_jax.toy.model import write_bundle
 
-    runs = {name: _path(ctx, name, "run") for name in ("speech_in_dialogue", "speech_decoder", "speech_prefix")}
+    runs = {name: _path(ctx, name, "run") for name in ("speech_in_dialogue", "speech_prefix")}
     out = write_bundle(ctx.dir("model"), _path(ctx, "llm", "hf_dir"), runs, _path(ctx, "codec_fast", "codec_dir"))
     return {"model_dir": _rel(ctx, out)}
 

@@ -34,7 +34,7 @@ from fo_jax.models.encoder import encoder_forward
 from fo_jax.text.char_vocab import CharVocab
 from fo_jax.toy.synth import wer
 from fo_jax.toy.world import normalize
-from fo_jax.training.checkpoint import load_trained
+from fo_jax.training.checkpoint import load_run_meta, load_trained
 from fo_jax.training.speech_common import cmvn_params, sequence_forward, start_params
 from fo_jax.training.stages import build_stage
 
@@ -55,10 +55,10 @@ def speech_llm(llm_path: str | os.PathLike, run: str | os.PathLike) -> tuple[Any
 
     ``run`` is a stage-2 or stage-3 run; ``stage`` is its stage object built without data (chat
     template, tokenizer, layouts). Params: the LLM's weights, then the run's encoder, adapter, task
-    embeddings and CMVN (each leaf from the latest run that trained it: ``load_speech_run``), and a
+    embeddings and CMVN (each leaf from the latest run that trained it: ``load_lineage``), and a
     stage-3 run's prompt embeddings and state head (random for a stage-2 run).
     """
-    meta = load_trained(run)[1]
+    meta = load_run_meta(run)
     stage = build_stage(_run_config(meta, manifest="", llm_path=str(llm_path), tokenizer=""))
     dialogue = meta["config"]["stage"]["name"] == "speech_in_dialogue"
     parts = SPEECH_PARTS | (dict.fromkeys(DIALOGUE_PARTS) if dialogue else {})

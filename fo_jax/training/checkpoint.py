@@ -20,7 +20,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from fo_jax.errors import LoadError
-from fo_jax.training.freeze import flatten
+from fo_jax.training.freeze import flatten, unflatten
 
 
 class TrainCheckpointer:
@@ -96,22 +96,8 @@ def load_trained(workdir: str | os.PathLike, step: int | None = None) -> tuple[d
     How one stage starts from another (speech-in 2 from the stage-1 encoder, say): the run's
     checkpoint holds only what trained there; the frozen rest comes from its own sources.
     """
-    directory = Path(workdir).resolve() / "checkpoints"
-    if not directory.is_dir():
-        raise LoadError(f"{workdir}: no training run here (no checkpoints/ folder)")
-    with _orbax_quiet():
-        return _load_trained(directory, step)
-
-
-def _load_trained(directory: Path, step: int | None) -> tuple[dict, dict]:
-    manager = ocp.CheckpointManager(directory, item_names=("trainable", "meta"),
-                                    item_handlers={"trainable": ocp.StandardCheckpointHandler(),
-                                                   "meta": ocp.JsonCheckpointHandler()},
-                                    options=ocp.CheckpointManagerOptions(create=False, read_only=True))
-    try:
-        step = manager.latest_step() if step is None else step
-        if step is None:
-            raise LoadError(f"{directory}: no complete checkpoint")
+    with _read_only(workdir) as manager:
+        step = _step(manager, workdir, step)
         # Whole arrays on this process's first device, whatever mesh (and processes) saved them:
         # orbax would otherwise insist on the saving run's devices.
         here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
@@ -119,9 +105,71 @@ def _load_trained(directory: Path, step: int | None) -> tuple[dict, dict]:
                             manager.item_metadata(step)["trainable"])
         out = manager.restore(step, args=ocp.args.Composite(trainable=ocp.args.StandardRestore(like),
                                                             meta=ocp.args.JsonRestore()))
-    finally:
-        manager.close()
     return jax.tree.map(np.asarray, dict(out.trainable)), dict(out.meta) | {"step": int(step)}
+
+
+# Stage fields naming the run a stage starts from (speech-in 3's, speech-in 2's, speech-out 3's).
+START_RUN_FIELDS = ("speech_from", "encoder_from", "decoder_from")
+
+
+def load_lineage(run: str | os.PathLike) -> tuple[dict, dict]:
+    """(params, meta) of a run: the leaves it trained over those of the runs it started from.
+
+    A checkpoint holds only what trained there, so the leaves a stage kept frozen (a toy speech-in
+    stage's subsampling convs, speech-in 3's adapter, speech-out 3's shared decoder) come from the
+    run it started from (``START_RUN_FIELDS`` in its config), followed back to a run that started
+    from scratch. Parts only an earlier run has (speech-in 1's CTC head) come along; callers take the
+    parts they need. A start run that is gone adds nothing (meta notes it as ``start_run_missing``).
+    """
+    def start_of(run_meta: dict) -> str | None:
+        stage = run_meta["config"].get("stage", {})
+        return next((stage[f] for f in START_RUN_FIELDS if stage.get(f)), None)
+
+    trained, meta = load_trained(run)
+    merged = {part: flatten(leaves) for part, leaves in trained.items()}
+    seen, start = {os.path.realpath(run)}, start_of(meta)
+    while start and os.path.realpath(start) not in seen:
+        if not os.path.isdir(os.path.join(start, "checkpoints")):
+            meta = meta | {"start_run_missing": start}
+            break
+        seen.add(os.path.realpath(start))
+        earlier, earlier_meta = load_trained(start)
+        for part, leaves in earlier.items():
+            merged[part] = flatten(leaves) | merged.get(part, {})  # the later run's leaves win
+        start = start_of(earlier_meta)
+    return {part: unflatten(leaves) for part, leaves in merged.items()}, meta
+
+
+def load_run_meta(workdir: str | os.PathLike, step: int | None = None) -> dict:
+    """A run's meta (as ``load_trained`` returns it) without reading its arrays."""
+    with _read_only(workdir) as manager:
+        step = _step(manager, workdir, step)
+        out = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+    return dict(out.meta) | {"step": int(step)}
+
+
+@contextlib.contextmanager
+def _read_only(workdir: str | os.PathLike):
+    """A read-only manager over ``workdir/checkpoints`` (LoadError if there is none), orbax quiet."""
+    directory = Path(workdir).resolve() / "checkpoints"
+    if not directory.is_dir():
+        raise LoadError(f"{workdir}: no training run here (no checkpoints/ folder)")
+    with _orbax_quiet():
+        manager = ocp.CheckpointManager(directory, item_names=("trainable", "meta"),
+                                        item_handlers={"trainable": ocp.StandardCheckpointHandler(),
+                                                       "meta": ocp.JsonCheckpointHandler()},
+                                        options=ocp.CheckpointManagerOptions(create=False, read_only=True))
+        try:
+            yield manager
+        finally:
+            manager.close()
+
+
+def _step(manager: ocp.CheckpointManager, workdir: str | os.PathLike, step: int | None) -> int:
+    step = manager.latest_step() if step is None else step
+    if step is None:
+        raise LoadError(f"{Path(workdir).resolve() / 'checkpoints'}: no complete checkpoint")
+    return step
 
 
 def check_like(tree: dict, like: dict, source: str) -> None:

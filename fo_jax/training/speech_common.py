@@ -33,7 +33,7 @@ from fo_jax.models.audio_llm import (AudioLLM, SOURCE_AUDIO, SOURCE_PROMPT, SOUR
 from fo_jax.models.configs import LLMConfig, ModelConfig
 from fo_jax.models.qwen2 import stack_layers
 from fo_jax.text.tokenizer import load_tokenizer
-from fo_jax.training.checkpoint import load_trained
+from fo_jax.training.checkpoint import load_lineage
 from fo_jax.training.freeze import flatten, unflatten
 from fo_jax.training.lm import fit_vocab
 
@@ -103,47 +103,15 @@ def init_speech_llm(model: ModelConfig, rng: jax.Array, with_llm: bool) -> dict:
 
 # --- params carried over from an earlier run ----------------------------------------------------
 
-# Stage fields naming the run a speech-in stage starts from (stage 3's, stage 2's).
-START_RUN_FIELDS = ("speech_from", "encoder_from")
-
-
-def load_speech_run(run: str | os.PathLike) -> tuple[dict, dict]:
-    """(params, meta) of a speech-in run: the leaves it trained over those it kept frozen.
-
-    A checkpoint holds only what trained there, so the frozen leaves (a toy stage's subsampling
-    convs, stage 3's adapter) come from the run it started from (``START_RUN_FIELDS`` in its config),
-    followed back to a run that started from scratch. Parts only an earlier run has (stage 1's CTC
-    head) come along; callers take the parts they need. A start run that is gone adds nothing (meta
-    notes it as ``start_run_missing``): a leaf only it held is then reported missing by ``graft``.
-    """
-    def start_of(run_meta: dict) -> str | None:
-        stage = run_meta["config"].get("stage", {})
-        return next((stage[f] for f in START_RUN_FIELDS if stage.get(f)), None)
-
-    trained, meta = load_trained(run)
-    merged = {part: flatten(leaves) for part, leaves in trained.items()}
-    seen, start = {os.path.realpath(run)}, start_of(meta)
-    while start and os.path.realpath(start) not in seen:
-        if not os.path.isdir(os.path.join(start, "checkpoints")):
-            meta = meta | {"start_run_missing": start}
-            break
-        seen.add(os.path.realpath(start))
-        earlier, earlier_meta = load_trained(start)
-        for part, leaves in earlier.items():
-            merged[part] = flatten(leaves) | merged.get(part, {})  # the later run's leaves win
-        start = start_of(earlier_meta)
-    return {part: unflatten(leaves) for part, leaves in merged.items()}, meta
-
-
 def start_params(llm: LLMSource, model: ModelConfig, rng: jax.Array, run: str | None,
                  parts: dict[str, str | None], what: str) -> tuple[dict, dict | None]:
     """A speech-in stage's starting params and the CMVN sums they go with.
 
     Random AudioLLM params, the LLM from its source, and ``parts`` (name -> regex of leaves no run
     holds, e.g. the CMVN ones) from the earlier ``run`` and the runs it started from
-    (``load_speech_run``; a workdir, or None: no CMVN sums either, the stage estimates them).
+    (``load_lineage``; a workdir, or None: no CMVN sums either, the stage estimates them).
     """
-    trained, meta = load_speech_run(run) if run is not None else (None, None)  # a bad run fails first
+    trained, meta = load_lineage(run) if run is not None else (None, None)  # a bad run fails first
     if meta is not None:
         check_same_model(model, meta["config"].get("model", {}), [p for p in parts if p in ("encoder", "adapter")],
                          what)
