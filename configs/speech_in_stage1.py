@@ -48,7 +48,7 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
         },
         "optimizer": {"lr": {"tiny": 2e-3, "mid": 1e-3, "freeze_omni": 2e-4}[variant], "schedule": "warmuplr",
                       "warmup_steps": {"tiny": 30, "mid": 500, "freeze_omni": 25000}[variant], "total_steps": steps,
-                      "b1": 0.9, "b2": 0.98, "eps": 1e-8, "weight_decay": 1e-6, "clip_norm": 5.0},
+                      "b1": 0.9, "b2": 0.98, "eps": 1e-8, "weight_decay": 1e-6, "clip_norm": 5.0, "lr_scales": ()},
         "mesh": {"shape": (-1, 1, 1)},
         "seed": 0,
     })

@@ -61,7 +61,7 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
         },
         "optimizer": {"lr": 1e-4 if big else 2e-3, "schedule": "warmuplr",
                       "warmup_steps": 2000 if big else 30, "total_steps": steps,
-                      "b1": 0.9, "b2": 0.98, "eps": 1e-8, "weight_decay": 1e-6, "clip_norm": 5.0},
+                      "b1": 0.9, "b2": 0.98, "eps": 1e-8, "weight_decay": 1e-6, "clip_norm": 5.0, "lr_scales": ()},
         "mesh": {"shape": (-1, 1, 1)},
         "seed": 0,
     })

@@ -58,7 +58,7 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
         },
         "optimizer": {"lr": 6e-4 if big else 3e-3, "schedule": "warmuplr", "warmup_steps": 200 if big else 20,
                       "total_steps": steps, "b1": 0.9, "b2": 0.99, "eps": 1e-6, "weight_decay": 0.01,
-                      "clip_norm": 5.0},
+                      "clip_norm": 5.0, "lr_scales": ()},
         "mesh": {"shape": (-1, 1, 1)},
         "seed": 0,
     })

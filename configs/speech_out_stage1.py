@@ -40,7 +40,7 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
         # Two optimizers (generator, discriminators) with these settings; decay_steps 0 = one epoch.
         "optimizer": {"lr": 2e-4 if real else 1e-3, "schedule": "exponential", "decay_rate": 0.98,
                       "decay_steps": 0, "warmup_steps": 0, "b1": 0.5, "b2": 0.9, "eps": 1e-8,
-                      "weight_decay": 0.01, "clip_norm": 0.0},
+                      "weight_decay": 0.01, "clip_norm": 0.0, "lr_scales": ()},
         "mesh": {"shape": (-1, 1, 1)},
         "seed": 0,
     })

@@ -46,7 +46,7 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
         },
         "optimizer": {"lr": 5e-5 if real else 2e-3, "schedule": "warmuplr" if real else "constant",
                       "warmup_steps": 4000 if real else 10, "total_steps": steps, "b1": 0.9, "b2": 0.98,
-                      "eps": 1e-8, "weight_decay": 0.05, "clip_norm": 5.0},
+                      "eps": 1e-8, "weight_decay": 0.05, "clip_norm": 5.0, "lr_scales": ()},
         "mesh": {"shape": (-1, 1, 1)},
         "seed": 0,
     })

@@ -35,7 +35,7 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
             "keep": 2,
         },
         "optimizer": {"lr": 3e-3, "schedule": "cosine", "warmup_steps": 50, "total_steps": steps,
-                      "b1": 0.9, "b2": 0.98, "eps": 1e-8, "weight_decay": 0.01, "clip_norm": 1.0},
+                      "b1": 0.9, "b2": 0.98, "eps": 1e-8, "weight_decay": 0.01, "clip_norm": 1.0, "lr_scales": ()},
         "mesh": {"shape": (-1, 1, 1)},
         "seed": 0,
     })

@@ -135,3 +135,27 @@ def test_killed_async_save_leaves_last_complete_checkpoint(tmp_path):
     assert step == 1 and data == {"i": 1} and meta == {"m": 1}
     np.testing.assert_array_equal(t["w"], np.ones(4))
     ckpt.close()
+
+
+def test_lr_scales_scale_each_matching_params_update():
+    """``optimizer.lr_scales``: the matching leaves' updates (AdamW step and weight decay) are the
+    factor times the unscaled ones; the others are unchanged; the first matching regex wins."""
+    params = {"encoder": {"w": jnp.ones((3,)), "b": jnp.ones((2,))}, "adapter": {"w": jnp.ones((4,))}}
+    grads = jax.tree.map(lambda p: jnp.linspace(-1.0, 2.0, p.size), params)
+    base = OptimizerConfig(lr=1e-2, schedule="constant", warmup_steps=1, weight_decay=0.1)
+    scaled = OptimizerConfig(**{**base.__dict__, "lr_scales": [["^encoder/w$", 0.5], ["^encoder/", 0.25]]})
+    assert scaled.lr_scales == (("^encoder/w$", 0.5), ("^encoder/", 0.25))  # lists become hashable pairs
+    hash(scaled)
+    updates = {}
+    for name, cfg in (("base", base), ("scaled", scaled)):
+        opt = make_optimizer(cfg)
+        _, state = opt.update(grads, opt.init(params), params)  # step 0: the warm-up's rate is 0
+        updates[name], _ = opt.update(grads, state, params)
+    np.testing.assert_allclose(updates["scaled"]["encoder"]["w"], 0.5 * updates["base"]["encoder"]["w"], rtol=1e-6)
+    np.testing.assert_allclose(updates["scaled"]["encoder"]["b"], 0.25 * updates["base"]["encoder"]["b"], rtol=1e-6)
+    np.testing.assert_array_equal(updates["scaled"]["adapter"]["w"], updates["base"]["adapter"]["w"])
+    assert np.abs(updates["base"]["encoder"]["w"]).min() > 0
+    with pytest.raises(ConfigError, match="optimizer.lr_scales"):
+        OptimizerConfig(lr_scales=[["(unclosed", 0.5]])
+    with pytest.raises(ConfigError, match="optimizer.lr_scales"):
+        OptimizerConfig(lr_scales=["^encoder/"])
