@@ -1,6 +1,7 @@
-"""Parity with the official PyTorch TiCodec modules (models/decoder/ticodec/models.py in /work/official).
+"""Parity with the official PyTorch TiCodec modules (models/decoder/ticodec/models.py of a
+VITA-MLLM/Freeze-Omni checkout at $FREEZE_OMNI_OFFICIAL, default /work/official).
 
-Imported through sys.path for these tests only; skipped cleanly where /work/official (or torch) is
+Imported through sys.path for these tests only; skipped cleanly where that checkout (or torch) is
 absent. Uses the official modules at reduced width (2 resblock kernels, generator 256 wide; the
 official encoder hard-codes its widths) with the same random weights on both sides.
 """
@@ -8,6 +9,7 @@ official encoder hard-codes its widths) with the same random weights on both sid
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -24,9 +26,10 @@ from tests.test_codec import FIXTURE, random_official_state
 
 torch = pytest.importorskip("torch")
 pytestmark = pytest.mark.torch
-OFFICIAL = Path("/work/official")
+OFFICIAL = Path(os.environ.get("FREEZE_OMNI_OFFICIAL", "/work/official"))
 if not (OFFICIAL / "models/decoder/ticodec/models.py").exists():
-    pytest.skip("official Freeze-Omni code not available", allow_module_level=True)
+    pytest.skip(f"official Freeze-Omni code not found at {OFFICIAL} (set FREEZE_OMNI_OFFICIAL)",
+                allow_module_level=True)
 sys.path.insert(0, str(OFFICIAL))
 ticodec = pytest.importorskip("models.decoder.ticodec.models")
 
