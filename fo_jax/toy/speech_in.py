@@ -31,7 +31,7 @@ from fo_jax.models.audio_llm import AudioLLM, encode_speech
 from fo_jax.models.configs import ModelConfig
 from fo_jax.models.ctc import ctc_greedy_decode, ctc_logits
 from fo_jax.models.encoder import encoder_forward
-from fo_jax.text.char_vocab import CharVocab
+from fo_jax.text.ctc_vocab import CtcVocab
 from fo_jax.toy.synth import wer
 from fo_jax.toy.world import normalize
 from fo_jax.training.checkpoint import load_run_meta, load_trained
@@ -86,7 +86,7 @@ def _bar(items: Sequence, desc: str, progress: bool):
 def ctc_transcripts(run_dir: str | os.PathLike, manifest: str | os.PathLike, progress: bool = True) -> list[str]:
     """Greedy CTC transcripts of every record of ``manifest`` by a ``speech_in_ctc`` run."""
     trained, meta = load_trained(run_dir)
-    vocab = CharVocab(tuple(meta["vocab"]))
+    vocab = CtcVocab(tuple(meta["vocab"]))
     encoder = dataclasses.replace(model_config(_run_config(meta)).encoder, ctc_vocab_size=len(vocab))
     params = {"encoder": {**trained["encoder"], **cmvn_params(meta["cmvn_stats"])}, "ctc": trained["ctc"]}
     records = read_manifest(manifest)

@@ -1,6 +1,7 @@
 """Stage ``speech_in_ctc`` (speech-in stage 1): speech encoder + CTC head on ASR pairs.
 
-Targets are characters (``fo_jax.text.char_vocab``; the official 5538-unit CTC vocabulary was not
+Targets are characters or, with ``stage.ctc_units`` > 0, that many word pieces learned from the
+training transcripts (``fo_jax.text.ctc_vocab``; the official 5538-unit CTC vocabulary was not
 released). The global CMVN is estimated from the training audio at start-up and kept frozen;
 everything else in the encoder and the CTC head trains.
 """
@@ -23,7 +24,7 @@ from fo_jax.data.speech import bucketed_dataset, cmvn_stats_of, feature_batch, p
 from fo_jax.errors import ConfigError
 from fo_jax.models.ctc import ctc_logits, ctc_loss, ctc_min_frames, init_ctc_params
 from fo_jax.models.encoder import encoder_forward, init_encoder_params, output_lengths
-from fo_jax.text.char_vocab import CharVocab
+from fo_jax.text.ctc_vocab import CtcVocab
 from fo_jax.training.speech_common import cmvn_params
 
 
@@ -37,7 +38,10 @@ class SpeechInCTCStage:
         report: list[str] = []
         self.records = read_manifest(s.manifest, required=["audio", "text"], validate=check_audio,
                                      policy=s.get("manifest_policy", "skip"), report=report)
-        self.vocab = CharVocab.from_texts(r["text"] for r in self.records)
+        try:
+            self.vocab = CtcVocab.from_texts((r["text"] for r in self.records), s.get("ctc_units", 0))
+        except ValueError as e:
+            raise ConfigError(f"stage.ctc_units: {e}") from None
         self.encoder = dataclasses.replace(model_config(cfg).encoder, ctc_vocab_size=len(self.vocab))
         self.max_label = s.max_label_len
         self.batch_size, self.boundaries = s.batch_size, tuple(s.buckets)
@@ -70,7 +74,7 @@ class SpeechInCTCStage:
         stats = cmvn_stats_of(self.records[: self.cmvn_utterances], self.base)
         # The statistics are frozen (not in checkpoints): the run's meta carries them to later stages,
         # and the CTC vocabulary to whoever decodes the head.
-        self.meta = {"cmvn_stats": stats, "vocab": list(self.vocab.chars)}
+        self.meta = {"cmvn_stats": stats, "vocab": list(self.vocab.units)}
         params["encoder"] = {**params["encoder"], **cmvn_params(stats)}
         return params
 
