@@ -69,17 +69,20 @@ class CtcVocab:
     def _index(self) -> dict[str, int]:  # built once: encode runs for every record of a corpus
         return {u: i for i, u in enumerate(self.units) if i}
 
+    @functools.cached_property
+    def _longest(self) -> int:
+        return max(map(len, self._index))
+
     def encode(self, text: str) -> list[int]:
         """Ids of the normalised text; characters outside the vocabulary are dropped."""
         index = self._index
         if not self.word_pieces:
             return [index[c] for c in normalize(text) if c in index]
-        longest = max(map(len, index))
         ids = []
         for word in normalize(text).split():
             s, i = WORD + word, 0
             while i < len(s):
-                for j in range(min(len(s), i + longest), i, -1):  # the longest unit that matches here
+                for j in range(min(len(s), i + self._longest), i, -1):  # the longest unit that matches here
                     if s[i:j] in index:
                         ids.append(index[s[i:j]])
                         i = j
