@@ -7,9 +7,9 @@ Two kinds, told apart by their units (so a run's meta, the unit list, is all a d
 - characters (``size=0``): one unit per character, the space included;
 - word pieces (``size=N``): N units learned by byte-pair merges over the training transcripts'
   words, each word marked by a leading ``WORD`` ("▁what", "▁mex", "ico"), encoded by greedy
-  longest match (the units are all a decoder needs; no merge table). The release's CTC head has
-  5538 units (not released); on the toy world's small data, pieces spare the encoder spelling
-  every word letter by letter (configs/speech_in_stage1.py has the measurements).
+  longest match (no merge table). The release's CTC head has 5538 units (not released); on the
+  toy world's small data, pieces spare the encoder spelling every word letter by letter
+  (configs/speech_in_stage1.py has the measurements).
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ class CtcVocab:
             return cls((BLANK,) + tuple(chars))
         return cls((BLANK,) + learn_pieces(texts, size - 1))
 
-    @property
+    @functools.cached_property
     def word_pieces(self) -> bool:
         return WORD in self.units
 
