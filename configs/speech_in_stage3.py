@@ -70,9 +70,9 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
         # Measured: with the plain mean the toy's head learned never to decide (final chunks 0-6 %
         # right in quick runs); balanced, 75-94 %.
         cfg.stage.state_balanced = True
-        # The paper freezes encoder and adapter here; the toy's 64-wide LLM does not generalize
-        # from stage 2's transcription task to answering, so they train on the answers too (the
-        # LLM stays frozen). Measured on the quick world: speech in -> text out 0 -> 7 %, state
+        # The paper freezes encoder and adapter here; a toy LLM does not generalize from stage 2's
+        # transcription task to answering, so they train on the answers too (the LLM stays
+        # frozen). Measured on the quick world (64-wide LLM): speech in -> text out 0 -> 7 %, state
         # head 75 -> 100 % (prompts + state head only: the answers had the right form, wrong entities).
         # The subsampling convs (stage 1's, most of the encoder's cost per frame) stay frozen, and the
         # encoder runs one whole-turn forward (equal to streaming for a turn's first 17 chunks; the

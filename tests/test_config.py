@@ -42,6 +42,18 @@ def test_toy_speech_in_stages_chain_one_encoder(preset, encoder):
     assert shapes == {encoder}
 
 
+@pytest.mark.parametrize("preset, width", [("toy", 128), ("toy_quick", 64)])
+def test_toy_stages_agree_on_the_llm_width(preset, width):
+    # The text LLM a toy run trains is what every later stage reads: the adapter writes its
+    # embeddings, the decoder reads its vectors as whole frames (the full run: one per vector).
+    assert model_config(load_config(f"configs/text_llm.py:{preset}")).llm.hidden_size == width
+    for stage in (2, 3):
+        cfg = model_config(load_config(f"configs/speech_in_stage{stage}.py:{preset}"))
+        assert cfg.llm.hidden_size == cfg.adapter.output_dim == width
+        dec = model_config(load_config(f"configs/speech_out_stage{stage}.py:{preset}")).decoder
+        assert dec.llm_hidden_size == width and dec.frames_per_vector == 1
+
+
 @pytest.mark.parametrize("spec, overrides, match", [
     ("configs/nope.py:tiny", [], "config file not found"),
     ("configs/freeze_omni.py:huge", [], "unknown variant 'huge'"),
