@@ -56,7 +56,7 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
         if not full_toy:
             # The quick world's decoder is as wide as its 64-wide LLM allows and twice as deep as
             # tiny: 150 steps reach codec-token CE 2.9 (tiny: 5.2). The full run's is
-            # freeze_omni.py:toy's (128 x 2, its LLM's width: there, why).
+            # freeze_omni.py:toy's (128 x 2, its LLM's width; why: there).
             cfg.model.decoder.update(hidden_size=64, num_layers=4, intermediate_size=256)
         # Measured on the full world (stage 2 alone, greedy, 20 held-out answers recognised by
         # pocketsphinx, the 64 x 4 decoder): 600 steps of 8 speak neither train nor test sentences

@@ -2,8 +2,8 @@
 ``{"messages": [...]}`` (ChatML; loss on assistant turns) or ``{"text": ...}`` records.
 
 Variants: ``tiny`` (CPU seconds), ``toy`` / ``toy_quick`` (the toy world's LLM, ``fo-jax toy``
-and ``fo-jax toy --quick``: ``freeze_omni.py:toy``'s and the tiny dimensions, trained long enough
-to know every fact) and
+with ``freeze_omni.py:toy``'s dimensions and ``fo-jax toy --quick`` with tiny's, trained long
+enough to know every fact) and
 ``qwen2_0_5b`` (fine-tune a loaded HF Qwen2 directory given as ``stage.init_from``; attention and
 MLP train, embeddings stay frozen).
 Required overrides: ``stage.manifest=...`` and ``stage.tokenizer=...`` (a HF tokenizer directory).

@@ -45,7 +45,7 @@ def test_toy_speech_in_stages_chain_one_encoder(preset, encoder):
 @pytest.mark.parametrize("preset, width", [("toy", 128), ("toy_quick", 64)])
 def test_toy_stages_agree_on_the_llm_width(preset, width):
     # The text LLM a toy run trains is what every later stage reads: the adapter writes its
-    # embeddings, the decoder reads its vectors as whole frames (the full run: one per vector).
+    # embeddings, the decoder reads each of its vectors as one frame of its own width.
     assert model_config(load_config(f"configs/text_llm.py:{preset}")).llm.hidden_size == width
     for stage in (2, 3):
         cfg = model_config(load_config(f"configs/speech_in_stage{stage}.py:{preset}"))
