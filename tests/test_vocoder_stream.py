@@ -4,6 +4,8 @@ Waveforms use dyadic amplitudes (0.5, 2^-5, 2^-7, 2^-8, 0) so every window sum i
 hand-computed split points do not depend on rounding.
 """
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -46,6 +48,10 @@ class RecordingDecoder:
         return np.concatenate([token_wave(t) for t in window])
 
 
+# The release's server exactly (its first-packet trim keeps nothing before the first loud sample).
+SERVER = vs.VocoderStreamConfig(trim_keep_s=0.0)
+
+
 def expected_wave(tokens):
     return np.concatenate([token_wave(t) for t in tokens])
 
@@ -61,7 +67,7 @@ def test_server_first_segment_split_points_by_hand():
     tokens = make_tokens(MAIN_SPEC)
     assert len(tokens) == 75
     dec = RecordingDecoder()
-    packets = list(vs.stream_vocode(tokens, dec))
+    packets = list(vs.stream_vocode(tokens, dec, SERVER))
     assert [c[0] // 16 for c in dec.calls] == [0, 10, 30, 50]
     assert [len(c) for c in dec.calls] == [30, 40, 40, 25]
     for call in dec.calls:
@@ -149,6 +155,23 @@ def test_trim_leading_silence():
     np.testing.assert_array_equal(vs.trim_leading_silence(x, 0.03), x[2:])
     quiet = np.full(10, 0.02, np.float32)
     np.testing.assert_array_equal(vs.trim_leading_silence(quiet, 0.03), quiet)
+    # keep: that many samples before the first loud one stay (a weak onset), never before the start
+    np.testing.assert_array_equal(vs.trim_leading_silence(x, 0.03, keep=1), x[1:])
+    np.testing.assert_array_equal(vs.trim_leading_silence(x, 0.03, keep=5), x)
+
+
+def test_first_packet_trim_keeps_a_pre_roll():
+    """Only the reply's first packet is trimmed; by default 0.1 s before its first loud sample
+    stays (the release's cut, trim_keep_s=0, drops unvoiced onsets)."""
+    onset = np.full(2400, 0.01, np.float32)  # 0.1 s of a weak fricative before the voiced part
+    packet = np.concatenate([np.zeros(4800, np.float32), onset, np.full(100, 0.5, np.float32)])
+    ours = vs.VocoderStreamConfig()
+    release = dataclasses.replace(ours, trim_keep_s=0.0)
+    np.testing.assert_array_equal(vs.trim_first_packet(packet, 0, ours), packet[4800:])
+    np.testing.assert_array_equal(vs.trim_first_packet(packet, 0, release), packet[7200:])
+    np.testing.assert_array_equal(vs.trim_first_packet(packet, 1, ours), packet)
+    with pytest.raises(ConfigError, match="trim_keep_s"):
+        vs.VocoderStreamConfig(trim_keep_s=-0.1)
 
 
 def test_first_packet_without_loud_sample_is_kept_whole():
@@ -186,7 +209,7 @@ def test_reply_switches_settings_after_first_packet():
     seg_b = [t + 16 * 100 for t in make_tokens(spec_b)]
     wave_a, wave_b = expected_wave(seg_a), expected_wave(seg_b)
     dec = RecordingDecoder()
-    packets = list(vs.vocode_reply([[], seg_a, seg_b], dec))
+    packets = list(vs.vocode_reply([[], seg_a, seg_b], dec, SERVER))
     # empty segment: nothing, the next one is still "first"; B: chunk 40 -> window of 50, then tail.
     assert [len(c) for c in dec.calls] == [12, 50, 30]
     assert dec.calls[2] == seg_b[30:60]
@@ -196,12 +219,12 @@ def test_reply_switches_settings_after_first_packet():
     assert len(packets) == 2
     np.testing.assert_array_equal(packets[1], wave_b)
     # the same reply with a later threshold of 0.1 cuts B at 15000
-    packets = list(vs.vocode_reply([seg_a, seg_b], RecordingDecoder(), vs.VocoderStreamConfig(seg_threshold=0.1)))
+    packets = list(vs.vocode_reply([seg_a, seg_b], RecordingDecoder(), dataclasses.replace(SERVER, seg_threshold=0.1)))
     assert [len(p) for p in packets] == [len(wave_a) - 1200, 15000, 36000 - 15000]
     # B as a reply's first segment (chunk 20, threshold 0.1): window 1 emits [0, 12000) and cuts at
     # the 2^-5 stretch at 6000; window 2 ([12000, 24000), searched from 16800) is buffered.
     dec = RecordingDecoder()
-    first = list(vs.stream_vocode(seg_b, dec))
+    first = list(vs.stream_vocode(seg_b, dec, SERVER))
     assert [len(c) for c in dec.calls] == [30, 40, 30]
     assert len(first) == 2
     np.testing.assert_array_equal(first[0], wave_b[1800:6000])
@@ -252,7 +275,7 @@ def test_matches_release_loop_with_context_dependent_codec(offline):
         return np.concatenate([0.5 * w + 0.25 * p for w, p in zip(waves, prev)])
 
     tokens = list(range(len(kinds)))
-    cfg = vs.VocoderStreamConfig.offline() if offline else vs.VocoderStreamConfig()
+    cfg = vs.VocoderStreamConfig.offline() if offline else SERVER
     calls = []
     got = list(vs.stream_vocode(tokens, lambda w: calls.append(len(w)) or codec(w), cfg))
     want = reference_release(tokens, codec, 40 if offline else 20, 10, 2401,

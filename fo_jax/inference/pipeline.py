@@ -47,7 +47,7 @@ from fo_jax.inference import text_segmentation as ts
 from fo_jax.inference.bundle import Bundle
 from fo_jax.inference.dialogue import Event, State
 from fo_jax.inference.sampling import SamplingConfig
-from fo_jax.inference.vocoder_stream import finish_segment, push_tokens, start_segment, trim_leading_silence
+from fo_jax.inference.vocoder_stream import finish_segment, push_tokens, start_segment, trim_first_packet
 from fo_jax.layers.kv_cache import KVCache
 from fo_jax.models.audio_llm import ChatTemplate
 from fo_jax.models.codec import decode_chunk, inference_global_tokens
@@ -557,9 +557,7 @@ class Conversation:
         reply.spoken_tokens = part.end_token
 
     def _emit(self, reply: Reply, part: SpokenSegment, packet: np.ndarray) -> np.ndarray:
-        v = self.engine.vocoder
-        if reply.samples == 0 and v.trim_leading_silence:
-            packet = trim_leading_silence(packet, v.silence_level)
+        packet = trim_first_packet(packet, reply.packets, self.engine.vocoder)
         reply._mark("first_pcm")
         reply.packets += 1
         reply.samples += len(packet)

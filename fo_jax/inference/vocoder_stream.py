@@ -14,7 +14,8 @@ Per text segment (one run of the speech decoder):
 
 Across a reply (the server's ``decoder()`` calls): while no packet has been emitted yet a
 segment uses the first-packet chunk (20) and threshold (0.1), later segments 40 and 0.015; the
-very first packet of the reply loses its leading silence (up to the first |x| > 0.03).
+very first packet of the reply loses its leading silence (up to the first |x| > 0.03), here
+but for the last ``trim_keep_s`` before that sample (see ``VocoderStreamConfig``).
 
 The decode function is injected: ``decode_window_fn(tokens_t) -> samples`` with ``tokens_t`` a
 (T,) int32 window and ``samples`` 600 * T floats at 24 kHz (any shape, e.g. (1, 600 T)); with the
@@ -51,6 +52,10 @@ class VocoderStreamConfig:
       sample_rate: codec output rate in Hz.
       trim_leading_silence: drop the reply's first packet's samples before the first loud one.
       silence_level: |x| above which a sample counts as loud for that trim.
+      trim_keep_s: seconds kept before the first loud sample. The release keeps none (0.0 gives its
+        cut exactly); that cut drops unvoiced onsets, which stay below 0.03: measured on the toy
+        world's forced answers, "Three ..." was heard as "We ..." and "Four ..." as "Work ...";
+        keeping 0.1 s, 25 instead of 22 of 31 arithmetic answers were recognized.
     """
 
     first_chunk_size: int = 20
@@ -63,8 +68,11 @@ class VocoderStreamConfig:
     sample_rate: int = 24000
     trim_leading_silence: bool = True
     silence_level: float = 0.03
+    trim_keep_s: float = 0.1
 
     def __post_init__(self):
+        if self.trim_keep_s < 0:
+            raise ConfigError(f"vocoder stream: trim_keep_s must be >= 0, got {self.trim_keep_s}")
         if self.overlap_size < 1:
             raise ConfigError(f"vocoder stream: overlap_size must be >= 1, got {self.overlap_size}")
         shortest = min(self.first_chunk_size, self.chunk_size) * self.samples_per_token
@@ -106,10 +114,18 @@ def quiet_split(samples: np.ndarray, window_n: int, threshold: float) -> int | N
     return start + int(np.argmin(mag[start:end]))
 
 
-def trim_leading_silence(samples: np.ndarray, level: float) -> np.ndarray:
-    """Drops samples before the first with |x| > level; a packet with none stays whole."""
+def trim_leading_silence(samples: np.ndarray, level: float, keep: int = 0) -> np.ndarray:
+    """Drops samples before the first with |x| > level but its last ``keep``; a packet with none
+    stays whole."""
     loud = np.flatnonzero(np.abs(samples) > level)
-    return samples[loud[0]:] if loud.size else samples
+    return samples[max(0, loud[0] - keep):] if loud.size else samples
+
+
+def trim_first_packet(packet: np.ndarray, packets_emitted: int, config: VocoderStreamConfig) -> np.ndarray:
+    """The reply's first packet (``packets_emitted == 0``) without its leading silence; others as they are."""
+    if packets_emitted == 0 and config.trim_leading_silence:
+        return trim_leading_silence(packet, config.silence_level, round(config.trim_keep_s * config.sample_rate))
+    return packet
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,7 +170,7 @@ def push_tokens(state: SegmentStreamState, tokens: Iterable[int] | np.ndarray, d
 
     Returns:
       (new state, packets (each (p,) float32) ready to play, possibly none). The reply's first
-      packet still needs :func:`trim_leading_silence` (:func:`stream_vocode` does it).
+      packet still needs :func:`trim_first_packet` (:func:`stream_vocode` does it).
     """
     new = np.asarray(list(tokens) if not isinstance(tokens, np.ndarray) else tokens, np.int32).reshape(-1)
     held, left, buffer = state.tokens, state.left, state.buffer
@@ -201,11 +217,11 @@ def stream_vocode(tokens_iterable: Iterable[int | Iterable[int]], decode_window_
     for item in tokens_iterable:
         state, packets = push_tokens(state, np.atleast_1d(np.asarray(item, np.int32)), decode_window_fn, config)
         for packet in packets:
-            yield _trim_if_first(packet, packets_emitted, config)
+            yield trim_first_packet(packet, packets_emitted, config)
             packets_emitted += 1
     last = finish_segment(state, decode_window_fn, config)
     if last is not None:
-        yield _trim_if_first(last, packets_emitted, config)
+        yield trim_first_packet(last, packets_emitted, config)
 
 
 def vocode_reply(segments: Iterable[Iterable[int | Iterable[int]]], decode_window_fn: DecodeWindowFn,
@@ -217,8 +233,3 @@ def vocode_reply(segments: Iterable[Iterable[int | Iterable[int]]], decode_windo
             emitted += 1
             yield packet
 
-
-def _trim_if_first(packet: np.ndarray, packets_emitted: int, config: VocoderStreamConfig) -> np.ndarray:
-    if packets_emitted == 0 and config.trim_leading_silence:
-        return trim_leading_silence(packet, config.silence_level)
-    return packet
