@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 import re
 from collections import Counter
 
@@ -96,6 +97,20 @@ def test_text_llm_mix_has_all_knowledge_and_skills():
     transcribe = {r["messages"][0]["content"]: r["messages"][1]["content"] for r in recs if r["kind"] == "transcribe"}
     q = w.split("test")[0].question
     assert transcribe[TRANSCRIBE_PREFIX + q] == q
+
+
+def test_stratified_subset_takes_every_category_in_turn():
+    """QAs or manifest records (talk's sample): n items round-robin over the categories, seeded."""
+    qa = make_world(0).split("test")
+    records = [{"id": p.id, "category": p.category} for p in qa]  # arithmetic first, as test_qa.jsonl
+    pick = build.stratified_subset(records, 20, random.Random(0), lambda r: r["category"])
+    counts = Counter(r["category"] for r in pick)
+    assert len(pick) == 20 and set(counts) == set(world.CATEGORIES) and max(counts.values()) == 3
+    assert pick == build.stratified_subset(records, 20, random.Random(0), lambda r: r["category"])
+    assert [r["category"] for r in records[:20]] != [r["category"] for r in pick]  # not the first 20
+    assert [p.id for p in build.stratified_subset(qa, 7, random.Random(1))] == [
+        r["id"] for r in build.stratified_subset(records, 7, random.Random(1), lambda r: r["category"])]
+    assert build.stratified_subset(records, None, random.Random(0), lambda r: r["category"]) == records
 
 
 def test_wer():

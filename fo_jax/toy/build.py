@@ -40,12 +40,15 @@ import random
 import time
 from collections import defaultdict
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence, TypeVar
 
 from fo_jax.data.manifest import write_manifest
 from fo_jax.toy.synth import (ASSISTANT_RATE, ASSISTANT_VOICE, ESPEAK_USER_VOICES, USER_RATE, USER_VOICES, Voice,
                               clip_path, speech_end, synthesize_all, voices_for)
 from fo_jax.toy.world import CATEGORIES, QA, Turn, chat, dialogues, make_world, normalize, text_records
+
+
+T = TypeVar("T")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,13 +70,16 @@ QUICK = Sizes(test_questions=2 * len(CATEGORIES), test_asides=6, dialogue_rounds
               speech_out_extra=False, piper_users=False)
 
 
-def stratified_subset(pairs: Sequence[QA], n: int | None, rng: random.Random) -> list[QA]:
-    """n pairs taken round-robin over categories (seeded order within each); all if n is None."""
+def stratified_subset(pairs: Sequence[T], n: int | None, rng: random.Random,
+                      category: Callable[[T], str] = lambda p: p.category) -> list[T]:
+    """n pairs taken round-robin over categories (seeded order within each); all if n is None.
+
+    Pairs are ``QA``s, or anything ``category`` names the category of (e.g. manifest records)."""
     if n is None:
         return list(pairs)
     groups = defaultdict(list)
     for p in pairs:
-        groups[p.category].append(p)
+        groups[category(p)].append(p)
     for g in groups.values():
         rng.shuffle(g)
     out = []

@@ -324,8 +324,11 @@ def steps() -> list[Step]:
         Step("model", _model, after=("llm", "codec_fast", *trained), title="the trained model as a bundle"),
         Step("speech_in_eval", _speech_in_eval, after=("model",), title="speech in -> text out (pipeline)"),
         Step("state_eval", _state_eval, after=("model",), title="state head on the test dialogues"),
-        Step("speech_out_eval", _speech_out_eval, after=("model",), title="speech out: forced answers, pocketsphinx"),
-        Step("talk", _talk, lambda ctx: {"questions": TALK_QUESTIONS[ctx.quick]}, after=("model",),
+        # version 2 (both): the reply's first packet keeps 0.1 s before its first loud sample.
+        Step("speech_out_eval", _speech_out_eval, after=("model",), version=2,
+             title="speech out: forced answers, pocketsphinx"),
+        # version 3: questions taken round-robin over the categories (the first 20 were all arithmetic).
+        Step("talk", _talk, lambda ctx: {"questions": TALK_QUESTIONS[ctx.quick]}, after=("model",), version=3,
              title="duplex conversations: wavs, endpoint delay, latency"),
         Step("ticodec", _ticodec, lambda ctx: {"config": _ticodec_config(ctx).to_dict()}, after=("data",),
              title="train TiCodec (speech-out stage 1, tiny), round-trip intelligibility"),

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -35,6 +36,7 @@ from fo_jax.inference.dialogue import State
 from fo_jax.inference.pipeline import CHUNK_SECONDS, DEFAULT_ROLE, Conversation, Engine, EngineOptions
 from fo_jax.inference.sampling import SamplingConfig
 from fo_jax.models.audio_llm import HEAD_START_SPEAKING, HEAD_STOP_LISTENING, decide
+from fo_jax.toy.build import stratified_subset
 from fo_jax.toy.synth import USER_RATE, recognize, wer
 from fo_jax.toy.world import answer_matches
 
@@ -200,11 +202,12 @@ def latency_stats(latencies: list[dict[str, float]]) -> dict[str, dict[str, floa
 def talk(engine: Engine, test_qa: str | os.PathLike, lm: str | os.PathLike, wav_dir: str | os.PathLike,
          limit: int | None = None, progress: bool = True,
          on_turn: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
-    """Duplex conversations on the spoken test questions (the first ``limit``): the state head
-    decides when to answer; answers are spoken. Writes ``NN_question.wav`` (16 kHz) and
-    ``NN_answer.wav`` (24 kHz) per question and ``turns.jsonl``."""
+    """Duplex conversations on the spoken test questions (``limit`` of them, taken round-robin over
+    the categories: the manifest lists the arithmetic first): the state head decides when to answer;
+    answers are spoken. Writes ``NN_question.wav`` (16 kHz) and ``NN_answer.wav`` (24 kHz) per
+    question and ``turns.jsonl``."""
     records, base = _records(test_qa)
-    records = records[:limit]
+    records = stratified_subset(records, limit, random.Random("talk"), lambda r: r["category"])
     wav_dir = Path(wav_dir)
     wav_dir.mkdir(parents=True, exist_ok=True)
     rate = engine.vocoder.sample_rate
