@@ -20,6 +20,7 @@ import time
 import pytest
 
 from fo_jax.cli.main import main
+from fo_jax.data.manifest import read_manifest
 
 pytest.importorskip("piper")
 pytest.importorskip("pocketsphinx")
@@ -50,6 +51,8 @@ def test_toy_quick_end_to_end_and_rerun_skips(tmp_path, capsys):
     assert 0.0 <= results["state_eval"]["final_chunk_accuracy"] <= 1.0
     spoken = results["speech_out_eval"]
     assert spoken["n"] == talk["n"] and spoken["reference_accuracy"] >= 0.75, spoken  # the recognizer hears TTS
+    assert set(spoken["by_category"]) == {r["category"] for r in read_manifest(tmp_path / "data/manifests/test_qa.jsonl")}
+    assert len(spoken["errors"]) == min(10, round((1 - spoken["accuracy"]) * spoken["n"]))
     fast = results["codec_fast"]["intelligibility"]
     assert fast["reference"]["wer"] < 0.25 and fast["roundtrip"]["wer"] < 0.5, fast
     for path in ("llm/hf/model.safetensors", "model/fo_jax_model.json", "model/params.safetensors",

@@ -111,3 +111,18 @@ def test_report_speech_in_answer_wer_target_and_train_questions(tmp_path):
     assert "**0.0 %** of 14 spoken test questions (answer WER 80.0 %)" in md
     assert "The same on 14 train questions" in md and "**50.0 %** (answer WER 20.0 %)" in md
     assert "| What is six plus four? | Six plus four is ten. | Six plus four is eight. |" in md
+
+
+def test_report_speech_out_shows_categories_and_misses(tmp_path):
+    ev = {"accuracy": 0.5, "wer": 0.3, "reference_accuracy": 0.9, "reference_wer": 0.05, "n": 2,
+          "by_category": {"capital": 0.0, "plus": 1.0}, "wav_dir": "speech_out_eval/wavs",
+          "examples": [{"answer": "One plus one is two.", "heard": "one plus one is two",
+                        "reference_heard": "one plus one is two"}],
+          "errors": [{"answer": "The capital of Peru is Lima.", "heard": "the capital of pull is white",
+                      "reference_heard": "the capital of peru is lima"}]}
+    run = RunInfo(tmp_path, quick=False, outcomes=[Outcome("speech_out_eval", "done", result=ev)], budget_s=1800)
+    md = write_report(tmp_path, run)["markdown"].read_text()
+    assert "| spoken by the toy model | 30.0 % | 50.0 % |" in md
+    assert "| capital | 0.0 % |" in md and "| plus | 100.0 % |" in md
+    assert "| The capital of Peru is Lima. | the capital of pull is white | the capital of peru is lima |" in md
+    assert md.index("Not recognized") < md.index("The answers written as wavs") < md.index("Listen: `speech_out_eval")

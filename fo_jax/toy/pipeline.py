@@ -324,7 +324,8 @@ def steps() -> list[Step]:
         Step("model", _model, after=("llm", "codec_fast", *trained), title="the trained model as a bundle"),
         Step("speech_in_eval", _speech_in_eval, after=("model",), title="speech in -> text out (pipeline)"),
         Step("state_eval", _state_eval, after=("model",), title="state head on the test dialogues"),
-        # version 2 (both): the reply's first packet keeps 0.1 s before its first loud sample.
+        # version 2 (both): the reply's first packet keeps 0.1 s before its first loud sample;
+        # speech_out_eval also lists its misses and per-category scores.
         Step("speech_out_eval", _speech_out_eval, after=("model",), version=2,
              title="speech out: forced answers, pocketsphinx"),
         # version 3: questions taken round-robin over the categories (the first 20 were all arithmetic).

@@ -219,6 +219,10 @@ def _table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> list[str]:
     return out
 
 
+def _category_table(by_category: dict[str, float], label: str = "accuracy") -> list[str]:
+    return _table([{"category": c, label: _pct(a)} for c, a in by_category.items()], ("category", label)) + [""]
+
+
 def _not_run(run: RunInfo, name: str) -> list[str]:
     return [f"Not run: {_reason(run, (name,))}.", ""]
 
@@ -237,8 +241,7 @@ def _llm_section(run: RunInfo) -> list[str]:
     lines += [f"Held-out test questions: **{_pct(ev['accuracy'])}** of {ev['n']} answered exactly (greedy; "
               "an answer counts when its normalized words, lower case without punctuation, equal the reference "
               "sentence's).", ""]
-    lines += _table([{"category": c, "accuracy": _pct(a)} for c, a in ev["by_category"].items()],
-                    ("category", "accuracy")) + [""]
+    lines += _category_table(ev["by_category"])
     if ev["errors"]:
         lines += ["Wrong answers:", ""]
         lines += _table(ev["errors"][:10], ("question", "expected", "answer")) + [""]
@@ -307,8 +310,7 @@ def _speech_in_section(run: RunInfo) -> list[str]:
             lines += [f"The same on {ev['train']['n']} train questions, each in a voice heard in training "
                       f"(a pipeline check: no generalization needed): **{_pct(ev['train']['accuracy'])}** "
                       f"(answer WER {_pct(ev['train']['answer_wer'])}).", ""]
-        lines += _table([{"category": c, "accuracy": _pct(a)} for c, a in ev["by_category"].items()],
-                        ("category", "accuracy")) + [""]
+        lines += _category_table(ev["by_category"])
         if ev["errors"]:
             lines += _table(ev["errors"][:8], ("question", "expected", "answer")) + [""]
     st = r.get("state_eval")
@@ -340,7 +342,13 @@ def _speech_out_section(run: RunInfo) -> list[str]:
                       "answers recognized": _pct(ev["reference_accuracy"])},
                      {"audio": "spoken by the toy model", "WER": _pct(ev["wer"]),
                       "answers recognized": _pct(ev["accuracy"])}], ("audio", "WER", "answers recognized")) + [""]
+    if ev.get("by_category"):
+        lines += _category_table(ev["by_category"], "answers recognized")
+    if ev.get("errors"):
+        lines += ["Not recognized (first of them):", ""]
+        lines += _table(ev["errors"], ("answer", "heard", "reference_heard")) + [""]
     if ev.get("examples"):
+        lines += ["The answers written as wavs:", ""]
         lines += _table(ev["examples"], ("answer", "heard", "reference_heard")) + [""]
     if ev.get("wav_dir"):
         lines += [f"Listen: `{ev['wav_dir']}` (`NN_generated.wav` next to `NN_reference.wav`).", ""]

@@ -169,8 +169,12 @@ def speech_scores(answers: list[str], heard: list[str], reference_heard: list[st
 
 
 def speech_out_eval(engine: Engine, test_qa: str | os.PathLike, lm: str | os.PathLike, wav_dir: str | os.PathLike,
-                    n_wavs: int = 4, progress: bool = True) -> dict[str, Any]:
-    """pocketsphinx on the spoken reference answers (text forced) vs on their reference TTS audio."""
+                    n_wavs: int = 4, n_errors: int = 10, progress: bool = True) -> dict[str, Any]:
+    """pocketsphinx on the spoken reference answers (text forced) vs on their reference TTS audio.
+
+    Returns the scores (``speech_scores``), ``n``, ``by_category`` (answers recognized), the first
+    ``n_wavs`` answers as ``examples`` (their wavs written to ``wav_dir``) and the first ``n_errors``
+    unrecognized ones as ``errors``."""
     records, base = _records(test_qa)
     wav_dir = Path(wav_dir)
     wav_dir.mkdir(parents=True, exist_ok=True)
@@ -189,7 +193,11 @@ def speech_out_eval(engine: Engine, test_qa: str | os.PathLike, lm: str | os.Pat
             write_wav(wav_dir / f"{i:02d}_reference.wav", reference, rate)
             examples.append({"answer": r["answer"], "heard": heard[-1], "reference_heard": reference_heard[-1]})
     answers = [r["answer"] for r in records]
-    return {**speech_scores(answers, heard, reference_heard), "n": len(records), "examples": examples}
+    ok = [answer_matches(h, a) for h, a in zip(heard, answers)]
+    return {**speech_scores(answers, heard, reference_heard), "n": len(records), "examples": examples,
+            "by_category": _accuracy(records, ok)["by_category"],
+            "errors": [{"answer": a, "heard": h, "reference_heard": rh}
+                       for a, h, rh, good in zip(answers, heard, reference_heard, ok) if not good][:n_errors]}
 
 
 def latency_stats(latencies: list[dict[str, float]]) -> dict[str, dict[str, float]]:
