@@ -8,7 +8,7 @@ lr 2e-4 as in the paper). Required override: ``stage.manifest=PATH``.
 
 import ml_collections
 
-from fo_jax.config import load_config, stage_variant
+from fo_jax.config import TOY_SAVE_EVERY, load_config, stage_variant
 
 
 # The toy world's runs (``fo-jax toy`` / ``--quick``): the tiny model (the full run with
@@ -54,7 +54,7 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
         "seed": 0,
     })
     if toy_steps:
-        cfg.stage.steps = toy_steps
+        cfg.stage.update(steps=toy_steps, save_every=TOY_SAVE_EVERY)
         # Measured on the toy world (issue 7 notes): a few epochs of clean synthetic speech learn
         # faster with cosine decay and without SpecAugment (400 steps: WER 80 % -> 70 %).
         cfg.optimizer.update(schedule="cosine", warmup_steps=50)

@@ -12,7 +12,7 @@ instead and get a random LLM). Usually ``stage.encoder_from=WORKDIR`` (a stage-1
 
 import ml_collections
 
-from fo_jax.config import load_config, stage_variant
+from fo_jax.config import TOY_SAVE_EVERY, load_config, stage_variant
 from fo_jax.toy.world import TRANSCRIBE_PREFIX
 
 
@@ -66,7 +66,7 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
         "seed": 0,
     })
     if toy_steps:
-        cfg.stage.steps = toy_steps
+        cfg.stage.update(steps=toy_steps, save_every=TOY_SAVE_EVERY)
         # As speech-in 1 (there: why). lr 1e-3 instead of 2e-3 (full world, same stage 1): transcript
         # WER 39.3 -> 33.8 %, but speech in -> text out unchanged (28.8 %), state head 87.2 -> 83.7 %.
         cfg.optimizer.update(schedule="cosine")

@@ -12,7 +12,7 @@ run: encoder, adapter, CMVN). ``--compile-only`` needs none of them.
 
 import ml_collections
 
-from fo_jax.config import load_config, stage_variant
+from fo_jax.config import TOY_SAVE_EVERY, load_config, stage_variant
 
 
 # The toy world's runs (``fo-jax toy`` / ``--quick``): the tiny model (the full run with
@@ -63,7 +63,7 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
         "seed": 0,
     })
     if toy_steps:
-        cfg.stage.steps = toy_steps
+        cfg.stage.update(steps=toy_steps, save_every=TOY_SAVE_EVERY)
         cfg.optimizer.update(schedule="cosine")  # as speech-in 1 (there: why)
         cfg.stage.spec_augment = {}
         cfg.model.adapter.prompt_num = 25  # the released count (tiny: 4, for fast tests)

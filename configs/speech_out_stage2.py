@@ -12,7 +12,7 @@ lr 5e-5 as in the paper, whose schedule is not published: the release's config s
 
 import ml_collections
 
-from fo_jax.config import load_config, stage_variant
+from fo_jax.config import TOY_SAVE_EVERY, load_config, stage_variant
 
 
 # The toy world's runs (``fo-jax toy`` / ``--quick``): the tiny model (the full run with
@@ -52,7 +52,7 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
         "seed": 0,
     })
     if toy_steps:
-        cfg.stage.steps = toy_steps
+        cfg.stage.update(steps=toy_steps, save_every=TOY_SAVE_EVERY)
         if not full_toy:
             # The quick world's decoder is as wide as its 64-wide LLM allows and twice as deep as
             # tiny: 150 steps reach codec-token CE 2.9 (tiny: 5.2). The full run's is

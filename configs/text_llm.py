@@ -11,7 +11,7 @@ Required overrides: ``stage.manifest=...`` and ``stage.tokenizer=...`` (a HF tok
 
 import ml_collections
 
-from fo_jax.config import load_config
+from fo_jax.config import TOY_SAVE_EVERY, load_config
 
 
 def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
@@ -50,7 +50,7 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
         # the full world's 59 test questions, 64 wide: 800 steps -> 97-100 % (600: 83 %, 400: 53 %);
         # 128 wide (the full run's) at lr 3e-3: 800 steps -> 100 %. The quick run's 600 keep the
         # ceiling that speech-in -> text-out is measured against well above 0.
-        cfg.stage.update(seq_len=96, save_every=200)
+        cfg.stage.update(seq_len=96, save_every=TOY_SAVE_EVERY)
         cfg.stage.steps = 800 if variant == "toy" else 600
         cfg.optimizer.lr = 3e-3 if variant == "toy" else 6e-3
     return cfg

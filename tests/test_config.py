@@ -4,7 +4,7 @@ import dataclasses
 
 import pytest
 
-from fo_jax.config import load_config, model_config
+from fo_jax.config import TOY_SAVE_EVERY, load_config, model_config
 from fo_jax.errors import ConfigError
 from fo_jax.models.configs import LLMConfig
 
@@ -52,6 +52,16 @@ def test_toy_stages_agree_on_the_llm_width(preset, width):
         assert cfg.llm.hidden_size == cfg.adapter.output_dim == width
         dec = model_config(load_config(f"configs/speech_out_stage{stage}.py:{preset}")).decoder
         assert dec.llm_hidden_size == width and dec.frames_per_vector == 1
+
+
+@pytest.mark.parametrize("preset", ["toy", "toy_quick"])
+def test_toy_stages_checkpoint_sparsely(preset):
+    """Toy stages save every TOY_SAVE_EVERY steps (a save costs ~1.7 s on 2 cores); tiny keeps 100."""
+    for name in ("text_llm", "speech_in_stage1", "speech_in_stage2", "speech_in_stage3", "speech_out_stage2",
+                 "speech_out_stage3"):
+        cfg = load_config(f"configs/{name}.py:{preset}")
+        assert cfg.stage.save_every == TOY_SAVE_EVERY, name
+        assert load_config(f"configs/{name}.py:tiny").stage.save_every == 100, name
 
 
 @pytest.mark.parametrize("spec, overrides, match", [

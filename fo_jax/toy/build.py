@@ -45,7 +45,7 @@ from typing import Callable, Sequence, TypeVar
 from fo_jax.data.manifest import write_manifest
 from fo_jax.toy.synth import (ASSISTANT_RATE, ASSISTANT_VOICE, ESPEAK_USER_VOICES, USER_RATE, USER_VOICES, Voice,
                               clip_path, speech_end, synthesize_all, voices_for)
-from fo_jax.toy.world import CATEGORIES, QA, Turn, chat, dialogues, make_world, normalize, text_records
+from fo_jax.toy.world import CATEGORIES, Turn, chat, dialogues, make_world, normalize, text_records
 
 
 T = TypeVar("T")
