@@ -3,9 +3,9 @@
 import numpy as np
 
 from fo_jax.audio.fbank import fbank
-from fo_jax.audio.io import write_wav
+from fo_jax.audio.io import load_audio, write_wav
 from fo_jax.data.augment import SpecAugmentConfig
-from fo_jax.data.speech import bucketed_dataset, feature_batch, plan_batches, record_frames
+from fo_jax.data.speech import FeatureCache, bucketed_dataset, feature_batch, load_features, plan_batches, record_frames
 
 
 def test_plan_batches_buckets_and_drops():
@@ -45,5 +45,30 @@ def test_feature_batches_resume_exactly(tmp_path):
         np.testing.assert_array_equal(got["feats"], expected["feats"])  # same batch, same augmentation
     # Without augmentation the features are exactly the file's fbank.
     plain = feature_batch(records, tmp_path, 40, [0], np.random.default_rng(0), None)
-    from fo_jax.audio.io import load_audio
     np.testing.assert_array_equal(plain["feats"][0, :23], fbank(load_audio(tmp_path / "0.wav")[0]))
+
+
+def test_feature_cache_reuses_reads_again_when_the_file_changes_and_evicts(tmp_path):
+    rng = np.random.default_rng(1)
+    path = tmp_path / "a.wav"
+    write_wav(path, (0.1 * rng.standard_normal(4000)).astype(np.float32), 16000)
+    record = {"audio": "a.wav"}
+    first = load_features(record, tmp_path)
+    assert load_features(record, tmp_path) is first  # computed once
+    assert load_features({"audio": str(path)}, tmp_path / "elsewhere") is first  # same file, other spelling
+    assert not first.flags.writeable
+    np.testing.assert_array_equal(first, fbank(load_audio(path)[0]))
+    write_wav(path, (0.1 * rng.standard_normal(6400)).astype(np.float32), 16000)  # rewritten: longer
+    again = load_features(record, tmp_path)
+    assert again is not first and len(again) > len(first)
+
+    calls = []
+    cache = FeatureCache(max_bytes=250)
+    feats = {name: np.zeros(25, np.float32) + i for i, name in enumerate("bcd")}  # 100 bytes each
+    for name in "bcd":
+        (tmp_path / name).write_bytes(b"x")
+    get = lambda name: cache.get(tmp_path / name, lambda: calls.append(name) or feats[name].copy())  # noqa: E731
+    get("b"), get("c"), get("b"), get("d")  # d evicts the least recently used: c
+    assert calls == ["b", "c", "d"] and cache.bytes == 200
+    get("b"), get("c")
+    assert calls == ["b", "c", "d", "c"]
