@@ -32,6 +32,8 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
             "steps": steps,
             "batch_size": 32,
             "seq_len": 64,
+            # Gaussian noise on the input embeddings, std this fraction of each one's RMS (0: none).
+            "embed_noise": 0.0,
             "log_every": 10,
             "save_every": 100,
             "keep": 2,
@@ -51,6 +53,14 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
         # 128 wide (the full run's) at lr 3e-3: 800 steps -> 100 %. The quick run's 600 keep the
         # ceiling that speech-in -> text-out is measured against well above 0.
         cfg.stage.update(seq_len=96, save_every=TOY_SAVE_EVERY)
+        if variant == "toy":
+            # A real instruct LLM reads approximate inputs (typos, paraphrase); a toy one trained on
+            # exact tokens only does not, and the speech embeddings it is later given only lie near its
+            # token embeddings. Measured (full world, the same data and speech-in 1; README): text 100 ->
+            # 98.3 %, speech in -> text out 42.4 -> 47.5 % (train questions 55.9 -> 62.7 %), stage-2
+            # transcript WER 34.1 -> 32.8 %, state head 87.2 -> 86.0 %, speech out 39.0 -> 44.1 %; on a
+            # fresh synthesis 47.5 % again (without: 44.1 / 37.3 / 42.4 % on three). 1.0: text 72.9 %.
+            cfg.stage.embed_noise = 0.5
         cfg.stage.steps = 800 if variant == "toy" else 600
         cfg.optimizer.lr = 3e-3 if variant == "toy" else 6e-3
     return cfg

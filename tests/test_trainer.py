@@ -13,6 +13,7 @@ import pytest
 from fo_jax.cli.main import main
 from fo_jax.config import load_config
 from fo_jax.data.manifest import ManifestError, read_manifest, write_manifest
+from fo_jax.errors import ConfigError
 from fo_jax.text.tokenizer import chatml, train_bpe_tokenizer
 from fo_jax.training import trainer
 from fo_jax.training.freeze import fingerprint
@@ -126,3 +127,19 @@ def test_load_trained_gives_the_runs_trainable_params(tmp_path, corpus):
     (tmp_path / "empty" / "checkpoints").mkdir(parents=True)
     with pytest.raises(LoadError, match="no complete checkpoint"):
         load_run_meta(tmp_path / "empty")
+
+
+def test_embedding_noise_trains_through_the_stage_and_bad_values_are_config_errors(tmp_path, corpus):
+    cfg = load_config("configs/text_llm.py:tiny", _overrides(corpus, 4) + ["stage.embed_noise=0.5"])
+    noisy = trainer.train(cfg, tmp_path / "noisy", progress=False)
+    clean = trainer.train(load_config("configs/text_llm.py:tiny", _overrides(corpus, 4)), tmp_path / "clean",
+                          progress=False)
+    losses = _losses(tmp_path / "noisy")
+    assert noisy["step"] == 4 and all(np.isfinite(losses)) and losses != _losses(tmp_path / "clean")
+    assert clean["step"] == 4
+    # The full toy world trains its LLM this way; --quick does not (measured on the full run only).
+    assert load_config("configs/text_llm.py:toy").stage.embed_noise == 0.5
+    assert load_config("configs/text_llm.py:toy_quick").stage.embed_noise == 0.0
+    bad = load_config("configs/text_llm.py:tiny", _overrides(corpus, 1) + ["stage.embed_noise=-0.1"])
+    with pytest.raises(ConfigError, match=r"stage.embed_noise=-0.1: must be >= 0"):
+        trainer.train(bad, tmp_path / "bad", progress=False)

@@ -40,6 +40,21 @@ def params():
     return nn.unbox(init_params(TINY_LLM, jax.random.key(0)))
 
 
+def test_embedding_noise_perturbs_only_the_inputs_and_trains(params):
+    tokens, mask = _batch()
+    clean = lm.next_token_loss(params, TINY_LLM, tokens, mask)
+    # No noise: the plain forward, exactly; with noise: another loss per rng, the same for the same rng.
+    assert lm.next_token_loss(params, TINY_LLM, tokens, mask, 0.0, jax.random.key(1)) == clean
+    a, b, a2 = (lm.next_token_loss(params, TINY_LLM, tokens, mask, 0.5, jax.random.key(k)) for k in (1, 2, 1))
+    assert a == a2 and a != b and a != clean
+    # Tiny noise barely moves the loss: the noise is scaled to the embeddings, not absolute.
+    tiny = lm.next_token_loss(params, TINY_LLM, tokens, mask, 1e-4, jax.random.key(1))
+    assert abs(float(tiny) - float(clean)) < 1e-3 * float(clean)
+    grads = jax.grad(lm.next_token_loss)(params, TINY_LLM, tokens, mask, 0.5, jax.random.key(1))
+    assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(grads))
+    assert float(jnp.abs(grads["embed_tokens"]["embedding"]).sum()) > 0
+
+
 def test_split_and_merge(params):
     trainable, frozen = split_trainable(params, [r"^layers_1/", r"^norm/"])
     assert set(trainable) == {"layers_1", "norm"} and "layers_1" not in frozen

@@ -27,14 +27,26 @@ def fit_vocab(llm: LLMConfig, tokenizer: Any) -> LLMConfig:
     return dataclasses.replace(llm, vocab_size=max(llm.vocab_size, vocab), eos_token_ids=(tokenizer.eos_token_id,))
 
 
-def next_token_loss(params: dict, cfg: LLMConfig, tokens_bt: jax.Array, mask_bt: jax.Array) -> jax.Array:
+def next_token_loss(params: dict, cfg: LLMConfig, tokens_bt: jax.Array, mask_bt: jax.Array,
+                    embed_noise: float = 0.0, rng: jax.Array | None = None) -> jax.Array:
     """Mean cross-entropy of predicting token t+1 at t, over targets where ``mask_bt[:, t+1]`` is set.
 
     Args:
       tokens_bt: (B, T) int ids (right-padded).
       mask_bt: (B, T) float/bool, 1 on tokens that count as targets.
+      embed_noise: > 0 adds Gaussian noise to every input embedding, its std this fraction of the
+        embedding's RMS (needs ``rng``): the LLM learns to read inputs that only lie near a token's
+        embedding, as the speech embeddings a frozen LLM is later given do.
     """
-    logits = Qwen2(cfg).apply({"params": params}, tokens_bt, method=Qwen2.forward)[:, :-1]
+    model = Qwen2(cfg)
+    if embed_noise:
+        x = model.apply({"params": params}, tokens_bt, method=Qwen2.embed)
+        rms = jnp.sqrt(jnp.mean(jnp.square(x.astype(jnp.float32)), axis=-1, keepdims=True))
+        x = (x + embed_noise * rms * jax.random.normal(rng, x.shape)).astype(x.dtype)
+        hidden, _ = model.apply({"params": params}, x)
+        logits = model.apply({"params": params}, hidden, method=Qwen2.logits)[:, :-1]
+    else:
+        logits = model.apply({"params": params}, tokens_bt, method=Qwen2.forward)[:, :-1]
     targets, weights = tokens_bt[:, 1:], mask_bt[:, 1:].astype(jnp.float32)
     nll = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
     return jnp.sum(nll * weights) / jnp.maximum(jnp.sum(weights), 1.0)

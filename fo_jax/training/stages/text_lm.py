@@ -40,6 +40,9 @@ class TextLMStage:
             raise ConfigError(f"{s.tokenizer}: tokenizer has {len(self.tokenizer)} tokens, model vocab {llm.vocab_size}")
         self.llm = llm
         self.seq_len, self.batch_size = s.seq_len, s.batch_size
+        self.embed_noise = float(s.get("embed_noise", 0.0))
+        if self.embed_noise < 0:
+            raise ConfigError(f"stage.embed_noise={self.embed_noise}: must be >= 0")
         self.records = read_manifest(s.manifest, validate=_check_record, policy=s.get("manifest_policy", "skip"),
                                      report=(report := []))
         self.rejected = report
@@ -53,7 +56,7 @@ class TextLMStage:
         return nn.unbox(self.init_boxed(rng))
 
     def loss(self, params, batch, rng):
-        return next_token_loss(params, self.llm, batch["tokens"], batch["mask"]), {}
+        return next_token_loss(params, self.llm, batch["tokens"], batch["mask"], self.embed_noise, rng), {}
 
     def dataset(self, seed):
         encode = functools.partial(encode_record, tokenizer=self.tokenizer, seq_len=self.seq_len)
