@@ -11,10 +11,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from fo_jax.errors import ConfigError
-from fo_jax.models.qwen2 import init_params
+from fo_jax.models.qwen2 import Qwen2, init_params
 from fo_jax.training import lm
 from fo_jax.training.checkpoint import TrainCheckpointer
 from fo_jax.training.freeze import fingerprint, flatten, merge, split_trainable
@@ -43,7 +44,11 @@ def params():
 def test_embedding_noise_perturbs_only_the_inputs_and_trains(params):
     tokens, mask = _batch()
     clean = lm.next_token_loss(params, TINY_LLM, tokens, mask)
-    # No noise: the plain forward, exactly; with noise: another loss per rng, the same for the same rng.
+    # No noise: the model's own full-sequence forward, exactly; with noise: another loss per rng, the
+    # same for the same rng.
+    logits = Qwen2(TINY_LLM).apply({"params": params}, tokens, method=Qwen2.forward)[:, :-1]
+    np.testing.assert_allclose(clean, optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean(),
+                               rtol=1e-6)
     assert lm.next_token_loss(params, TINY_LLM, tokens, mask, 0.0, jax.random.key(1)) == clean
     a, b, a2 = (lm.next_token_loss(params, TINY_LLM, tokens, mask, 0.5, jax.random.key(k)) for k in (1, 2, 1))
     assert a == a2 and a != b and a != clean

@@ -39,14 +39,12 @@ def next_token_loss(params: dict, cfg: LLMConfig, tokens_bt: jax.Array, mask_bt:
         embedding, as the speech embeddings a frozen LLM is later given do.
     """
     model = Qwen2(cfg)
+    x = model.apply({"params": params}, tokens_bt, method=Qwen2.embed)
     if embed_noise:
-        x = model.apply({"params": params}, tokens_bt, method=Qwen2.embed)
         rms = jnp.sqrt(jnp.mean(jnp.square(x.astype(jnp.float32)), axis=-1, keepdims=True))
         x = (x + embed_noise * rms * jax.random.normal(rng, x.shape)).astype(x.dtype)
-        hidden, _ = model.apply({"params": params}, x)
-        logits = model.apply({"params": params}, hidden, method=Qwen2.logits)[:, :-1]
-    else:
-        logits = model.apply({"params": params}, tokens_bt, method=Qwen2.forward)[:, :-1]
+    hidden, _ = model.apply({"params": params}, x)
+    logits = model.apply({"params": params}, hidden, method=Qwen2.logits)[:, :-1]
     targets, weights = tokens_bt[:, 1:], mask_bt[:, 1:].astype(jnp.float32)
     nll = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
     return jnp.sum(nll * weights) / jnp.maximum(jnp.sum(weights), 1.0)
