@@ -14,7 +14,8 @@ from fo_jax.cli.main import main
 from fo_jax.config import load_config
 from fo_jax.data.manifest import ManifestError, read_manifest, write_manifest
 from fo_jax.errors import ConfigError
-from fo_jax.text.tokenizer import chatml, train_bpe_tokenizer
+from fo_jax.data.text import encode_record
+from fo_jax.text.tokenizer import chatml, load_tokenizer, train_bpe_tokenizer
 from fo_jax.training import trainer
 from fo_jax.training.freeze import fingerprint
 
@@ -143,3 +144,57 @@ def test_embedding_noise_trains_through_the_stage_and_bad_values_are_config_erro
     bad = load_config("configs/text_llm.py:tiny", _overrides(corpus, 1) + ["stage.embed_noise=-0.1"])
     with pytest.raises(ConfigError, match=r"stage.embed_noise=-0.1: must be >= 0"):
         trainer.train(bad, tmp_path / "bad", progress=False)
+
+
+def test_stretched_records_repeat_only_the_user_tokens(corpus):
+    tok = load_tokenizer(corpus / "tok")
+    question = "what is 2 plus 3?"
+    record = {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": "5"}]}
+    plain = encode_record(record, tok, 64)
+    n = int(plain["mask"].nonzero()[0][-1]) + 2  # through the closing "\n"
+    content = tok(question, add_special_tokens=False)["input_ids"]
+    start = next(i for i in range(n) if plain["tokens"][i:i + len(content)].tolist() == content)
+    end = start + len(content)
+    for off in ((0.0, 4), (1.0, 1)):  # never drawn / nothing to repeat: the plain record
+        got = encode_record(record, tok, 64, off, np.random.default_rng(0))
+        np.testing.assert_array_equal(got["tokens"], plain["tokens"])
+
+    stretched = encode_record(record, tok, 64, (1.0, 3), np.random.default_rng(0))
+    runs = []  # (token, run length) over the stretched user content
+    i = start
+    for c in content:
+        k = 0
+        while stretched["tokens"][i] == c:
+            i, k = i + 1, k + 1
+        runs.append(k)
+    assert all(1 <= k <= 3 for k in runs) and sum(runs) > len(content)  # every token kept, some repeated
+    np.testing.assert_array_equal(stretched["tokens"][:start], plain["tokens"][:start])  # system + user header
+    grown = i - end
+    np.testing.assert_array_equal(stretched["tokens"][i:n + grown], plain["tokens"][end:n])  # the rest, shifted
+    np.testing.assert_array_equal(stretched["mask"][i:n + grown], plain["mask"][end:n])  # targets unchanged
+    assert not stretched["mask"][:i].any()
+    again = encode_record(record, tok, 64, (1.0, 3), np.random.default_rng(0))
+    np.testing.assert_array_equal(again["tokens"], stretched["tokens"])  # the rng decides, nothing else
+    # A stretched record that would not fit stays plain (truncating it would cut the targets).
+    tight = encode_record(record, tok, n, (1.0, 3), np.random.default_rng(0))
+    np.testing.assert_array_equal(tight["tokens"], plain["tokens"][:n])
+
+
+def test_stretching_trains_through_the_stage_resumes_exactly_and_bad_values_are_config_errors(tmp_path, corpus):
+    # seq_len 64: room for the stretched records (32 holds the plain ones only, which would stay plain).
+    over = _overrides(corpus, 6) + ["stage.seq_len=64", "stage.stretch_prob=1.0", "stage.stretch_max=3"]
+    cfg = load_config("configs/text_llm.py:tiny", over)
+    straight = trainer.train(cfg, tmp_path / "a", progress=False)
+    trainer.train(cfg, tmp_path / "b", max_steps=3, progress=False)
+    resumed = trainer.train(cfg, tmp_path / "b", progress=False)
+    assert straight["step"] == resumed["step"] == 6
+    assert _losses(tmp_path / "b") == _losses(tmp_path / "a")  # the same stretches after the resume
+    trainer.train(load_config("configs/text_llm.py:tiny", _overrides(corpus, 6) + ["stage.seq_len=64"]),
+                  tmp_path / "plain", progress=False)
+    assert all(np.isfinite(_losses(tmp_path / "a"))) and _losses(tmp_path / "a") != _losses(tmp_path / "plain")
+    toy, quick = load_config("configs/text_llm.py:toy").stage, load_config("configs/text_llm.py:toy_quick").stage
+    assert (toy.stretch_prob, toy.stretch_max) == (0.5, 4) and quick.stretch_prob == 0.0
+    for bad in (["stage.stretch_prob=1.5"], ["stage.stretch_max=0"]):
+        with pytest.raises(ConfigError, match=r"need 0 <= stretch_prob <= 1 and stretch_max >= 1"):
+            trainer.train(load_config("configs/text_llm.py:tiny", _overrides(corpus, 1) + bad), tmp_path / "bad",
+                          progress=False)

@@ -14,9 +14,13 @@ import jax
 import numpy as np
 
 
-def batched(records: Sequence[Any], to_example: Callable[[Any], dict[str, np.ndarray]], batch_size: int,
-            seed: int, shuffle: bool = True, repeat: bool = True) -> grain.IterDataset:
-    """Per-process batches of fixed-shape examples (``batch_size`` rows per process)."""
+def batched(records: Sequence[Any], to_example: Callable[..., dict[str, np.ndarray]], batch_size: int,
+            seed: int, shuffle: bool = True, repeat: bool = True, random: bool = False) -> grain.IterDataset:
+    """Per-process batches of fixed-shape examples (``batch_size`` rows per process).
+
+    ``random``: ``to_example(record, rng)`` gets a ``np.random.Generator`` of its own, derived by
+    grain from ``seed`` and the element's index (augmentation that a resumed run repeats exactly).
+    """
     ds = grain.MapDataset.source(list(records))
     if shuffle:
         ds = ds.shuffle(seed=seed)
@@ -24,4 +28,5 @@ def batched(records: Sequence[Any], to_example: Callable[[Any], dict[str, np.nda
         ds = ds.repeat(None)
     if jax.process_count() > 1:
         ds = ds[jax.process_index()::jax.process_count()]
-    return ds.map(to_example).batch(batch_size, drop_remainder=True).to_iter_dataset()
+    ds = ds.random_map(to_example, seed=seed) if random else ds.map(to_example)
+    return ds.batch(batch_size, drop_remainder=True).to_iter_dataset()

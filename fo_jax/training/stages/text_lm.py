@@ -43,6 +43,10 @@ class TextLMStage:
         self.embed_noise = float(s.get("embed_noise", 0.0))
         if self.embed_noise < 0:
             raise ConfigError(f"stage.embed_noise={self.embed_noise}: must be >= 0")
+        self.stretch = (float(s.get("stretch_prob", 0.0)), int(s.get("stretch_max", 1)))
+        if not 0 <= self.stretch[0] <= 1 or self.stretch[1] < 1:
+            raise ConfigError(f"stage.stretch_prob={self.stretch[0]}, stage.stretch_max={self.stretch[1]}: "
+                              "need 0 <= stretch_prob <= 1 and stretch_max >= 1")
         self.records = read_manifest(s.manifest, validate=_check_record, policy=s.get("manifest_policy", "skip"),
                                      report=(report := []))
         self.rejected = report
@@ -59,7 +63,12 @@ class TextLMStage:
         return next_token_loss(params, self.llm, batch["tokens"], batch["mask"], self.embed_noise, rng), {}
 
     def dataset(self, seed):
-        encode = functools.partial(encode_record, tokenizer=self.tokenizer, seq_len=self.seq_len)
+        stretching = self.stretch[0] > 0 and self.stretch[1] > 1
+        encode = functools.partial(encode_record, tokenizer=self.tokenizer, seq_len=self.seq_len,
+                                   stretch=self.stretch if stretching else (0.0, 1))
+        if stretching:
+            return batched(self.records, lambda r, rng: encode(r, rng=rng), self.batch_size // jax.process_count(),
+                           seed, random=True)
         return batched(self.records, encode, self.batch_size // jax.process_count(), seed)
 
 
