@@ -18,7 +18,7 @@ import ml_collections
 from fo_jax.config import load_config
 from fo_jax.data.manifest import read_manifest
 from fo_jax.text.tokenizer import chatml, load_tokenizer, train_bpe_tokenizer
-from fo_jax.toy.world import answer_matches
+from fo_jax.toy.world import TRANSCRIBE_PREFIX, answer_matches
 
 CONFIG = "configs/text_llm.py"
 
@@ -66,21 +66,67 @@ def train_and_freeze(cfg: ml_collections.ConfigDict, run_dir: str | os.PathLike,
                                                          "num_layers", "num_heads", "num_kv_heads", "head_dim")}}
 
 
-def answer_questions(hf_dir: str | os.PathLike, questions: Sequence[str], max_new_tokens: int = 48,
-                     batch_size: int = 64) -> list[str]:
-    """Greedy answers of the LLM in ``hf_dir`` to single-turn ChatML questions."""
+def greedy_answers(hf_dir: str | os.PathLike, prompts: Sequence[Sequence[int]], max_new_tokens: int = 48,
+                   batch_size: int = 64) -> list[str]:
+    """Greedy completions (decoded, stripped) of the LLM in ``hf_dir`` for prompts given as token ids."""
     from fo_jax.conversion.hf_qwen2 import load_hf_qwen2
     from fo_jax.inference.llm import generate
 
     cfg, params = load_hf_qwen2(hf_dir)
     tokenizer = load_tokenizer(hf_dir)
     answers = []
-    for start in range(0, len(questions), batch_size):
-        prompts = [tokenizer(chatml([{"role": "user", "content": q}]), add_special_tokens=False)["input_ids"]
-                   for q in questions[start:start + batch_size]]
-        for ids in generate(params, cfg, prompts, max_new_tokens):
+    for start in range(0, len(prompts), batch_size):
+        for ids in generate(params, cfg, prompts[start:start + batch_size], max_new_tokens):
             answers.append(tokenizer.decode(ids, skip_special_tokens=True).strip())
     return answers
+
+
+def answer_questions(hf_dir: str | os.PathLike, questions: Sequence[str], max_new_tokens: int = 48,
+                     batch_size: int = 64) -> list[str]:
+    """Greedy answers of the LLM in ``hf_dir`` to single-turn ChatML questions."""
+    tokenizer = load_tokenizer(hf_dir)
+    prompts = [tokenizer(chatml([{"role": "user", "content": q}]), add_special_tokens=False)["input_ids"]
+               for q in questions]
+    return greedy_answers(hf_dir, prompts, max_new_tokens, batch_size)
+
+
+def stretched_prompt(tokenizer, prefix: str, stretched: str, repeat: int) -> list[int]:
+    """Token ids of a single-turn ChatML prompt (default system turn, generation prompt) whose user
+    content is ``prefix + stretched``, each token of ``stretched`` standing ``repeat`` times in a row,
+    the way speech gives the LLM several embeddings per word piece (``repeat=1``: the plain prompt).
+    """
+    content = prefix + stretched
+    full = chatml([{"role": "user", "content": content}])
+    start = full.rindex(content)
+    def ids(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    return (ids(full[:start]) + ids(prefix) + [i for i in ids(stretched) for _ in range(repeat)]
+            + ids(full[start + len(content):]))
+
+
+def stretched_reading(hf_dir: str | os.PathLike, test_manifest: str | os.PathLike,
+                      repeats: Sequence[int] = (1, 2, 3)) -> dict[str, Any]:
+    """How well the LLM reads stretched input: for each ``k`` in ``repeats``, its exact-answer accuracy
+    on the test questions with every question token repeated k times, and how often it transcribes
+    the question exactly ("Transcribe:" + the stretched question, speech-in 2's task).
+
+    Returns {"n", "qa": {k: accuracy}, "transcribe": {k: accuracy}}.
+    """
+    records = read_manifest(test_manifest)
+    questions = [r["messages"][0]["content"] for r in records]
+    expected = [r["messages"][1]["content"] for r in records]
+    tokenizer = load_tokenizer(hf_dir)
+    out: dict[str, Any] = {"n": len(records), "qa": {}, "transcribe": {}}
+    for k in repeats:
+        prompts = ([stretched_prompt(tokenizer, "", q, k) for q in questions]
+                   # "Transcribe:" | " What ...": the space stays with the word, as BPE splits it
+                   + [stretched_prompt(tokenizer, TRANSCRIBE_PREFIX.rstrip(), " " + q, k) for q in questions])
+        got = greedy_answers(hf_dir, prompts)
+        qa, heard = got[:len(questions)], got[len(questions):]
+        out["qa"][k] = sum(map(answer_matches, qa, expected)) / len(records)
+        out["transcribe"][k] = sum(map(answer_matches, heard, questions)) / len(records)
+    return out
 
 
 def text_qa_accuracy(hf_dir: str | os.PathLike, test_manifest: str | os.PathLike) -> dict[str, Any]:
