@@ -98,6 +98,7 @@ def stretched_prompt(tokenizer, prefix: str, stretched: str, repeat: int) -> lis
     content = prefix + stretched
     full = chatml([{"role": "user", "content": content}])
     start = full.rindex(content)
+
     def ids(text: str) -> list[int]:
         return tokenizer(text, add_special_tokens=False)["input_ids"]
 
@@ -117,15 +118,18 @@ def stretched_reading(hf_dir: str | os.PathLike, test_manifest: str | os.PathLik
     questions = [r["messages"][0]["content"] for r in records]
     expected = [r["messages"][1]["content"] for r in records]
     tokenizer = load_tokenizer(hf_dir)
-    out: dict[str, Any] = {"n": len(records), "qa": {}, "transcribe": {}}
+    prompts = []  # per k: the questions, then "Transcribe:" + the questions; one generation pass for all
     for k in repeats:
-        prompts = ([stretched_prompt(tokenizer, "", q, k) for q in questions]
-                   # "Transcribe:" | " What ...": the space stays with the word, as BPE splits it
-                   + [stretched_prompt(tokenizer, TRANSCRIBE_PREFIX.rstrip(), " " + q, k) for q in questions])
-        got = greedy_answers(hf_dir, prompts)
-        qa, heard = got[:len(questions)], got[len(questions):]
-        out["qa"][k] = sum(map(answer_matches, qa, expected)) / len(records)
-        out["transcribe"][k] = sum(map(answer_matches, heard, questions)) / len(records)
+        prompts += [stretched_prompt(tokenizer, "", q, k) for q in questions]
+        # "Transcribe:" | " What ...": the space stays with the word, as BPE splits it
+        prompts += [stretched_prompt(tokenizer, TRANSCRIBE_PREFIX.rstrip(), " " + q, k) for q in questions]
+    got = greedy_answers(hf_dir, prompts)
+    n = len(questions)
+    out: dict[str, Any] = {"n": n, "qa": {}, "transcribe": {}}
+    for i, k in enumerate(repeats):
+        qa, heard = got[2 * i * n:(2 * i + 1) * n], got[(2 * i + 1) * n:(2 * i + 2) * n]
+        out["qa"][k] = sum(map(answer_matches, qa, expected)) / n
+        out["transcribe"][k] = sum(map(answer_matches, heard, questions)) / n
     return out
 
 
