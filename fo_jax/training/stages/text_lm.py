@@ -63,13 +63,10 @@ class TextLMStage:
         return next_token_loss(params, self.llm, batch["tokens"], batch["mask"], self.embed_noise, rng), {}
 
     def dataset(self, seed):
-        stretching = self.stretch[0] > 0 and self.stretch[1] > 1
-        encode = functools.partial(encode_record, tokenizer=self.tokenizer, seq_len=self.seq_len,
-                                   stretch=self.stretch if stretching else (0.0, 1))
-        if stretching:
-            return batched(self.records, lambda r, rng: encode(r, rng=rng), self.batch_size // jax.process_count(),
-                           seed, random=True)
-        return batched(self.records, encode, self.batch_size // jax.process_count(), seed)
+        encode = functools.partial(encode_record, tokenizer=self.tokenizer, seq_len=self.seq_len, stretch=self.stretch)
+        stretching = self.stretch[0] > 0 and self.stretch[1] > 1  # else a plain map, as before stretching existed
+        to_example = (lambda r, rng: encode(r, rng=rng)) if stretching else encode
+        return batched(self.records, to_example, self.batch_size // jax.process_count(), seed, random=stretching)
 
 
 def _check_record(record, base):
