@@ -10,9 +10,11 @@ from collections import Counter
 import numpy as np
 import pytest
 
+from fo_jax.audio.fbank import CHUNK_SAMPLES, num_frames
 from fo_jax.audio.io import audio_info, load_audio
 from fo_jax.data.manifest import read_manifest, resolve
 from fo_jax.data.prepare import check_audio
+from fo_jax.data.speech import stream_chunks
 from fo_jax.toy import build, synth, world
 from fo_jax.toy.world import TRANSCRIBE_PREFIX, make_world, normalize
 
@@ -128,6 +130,26 @@ def test_speech_end_finds_the_last_voiced_frame():
     assert synth.speech_end(np.zeros(1600, np.float32), 16000) == 0.0
 
 
+@pytest.mark.parametrize("tail_s", [0.0, 0.01, 0.09, 0.4, 1.3])
+def test_user_clips_end_on_a_chunk_after_a_pause(tail_s):
+    rng = np.random.default_rng(0)
+    speech = 0.3 * np.sin(2 * np.pi * 200 * np.arange(int(1.237 * 16000)) / 16000)
+    x = np.concatenate([np.zeros(3000), speech, 1e-4 * rng.standard_normal(int(tail_s * 16000))]).astype(np.float32)
+    end = synth.speech_end(x, 16000)
+    y = synth.end_on_chunk(x)
+    assert y.dtype == np.float32 and len(y) % CHUNK_SAMPLES == 0
+    # The first chunk boundary at least END_PAUSE after the speech: cut (long tails) or padded with zeros.
+    assert end + synth.END_PAUSE <= len(y) / 16000 < end + synth.END_PAUSE + CHUNK_SAMPLES / 16000
+    n = min(len(x), len(y))
+    np.testing.assert_array_equal(y[:n], x[:n])
+    # (x's last, partial 10 ms frame is not measured; y's is whole: at most one frame later.)
+    assert not y[len(x):].any() and synth.speech_end(y, 16000) == pytest.approx(end, abs=0.0101)
+    # Training counts a turn's chunks from its fbank frames, streaming from whole 160 ms chunks: equal.
+    assert stream_chunks(num_frames(len(y))) == len(y) // CHUNK_SAMPLES
+    np.testing.assert_array_equal(synth.end_on_chunk(y), y)  # idempotent
+    assert len(synth.end_on_chunk(x, pause=0.3)) >= 16000 * (end + 0.3)
+
+
 def _centroid(x: np.ndarray, rate: int) -> float:
     spec = np.abs(np.fft.rfft(x)) ** 2
     return float((np.fft.rfftfreq(len(x), 1 / rate) * spec).sum() / spec.sum())
@@ -146,6 +168,9 @@ def test_voices_rates_and_variety(tmp_path):
     assert [r for _, r in clips] == [16000] * len(voices) + [24000]
     for x, r in clips:
         assert 0.8 < len(x) / r < 4.0 and 0.05 < np.abs(x).max() <= 1.0
+    for x, _ in clips[:-1]:  # user clips: whole chunks, the last one >= END_PAUSE after the speech
+        # (measured on the 16-bit file: a frame near the threshold may count 10 ms later than before)
+        assert len(x) % CHUNK_SAMPLES == 0 and len(x) / 16000 >= synth.speech_end(x, 16000) + synth.END_PAUSE - 0.0101
     lengths = np.array([len(x) / r for x, r in clips[:-1]])
     centroids = np.array([_centroid(x, r) for x, r in clips[:-1]])
     assert max(lengths) > 1.25 * min(lengths) and max(centroids) > 1.3 * min(centroids)  # speed, pitch/timbre

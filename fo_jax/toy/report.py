@@ -319,9 +319,12 @@ def _speech_in_section(run: RunInfo) -> list[str]:
     else:
         part = ", ".join(f"{k} {_pct(st[k + '_accuracy'])}" for k in ("addressed", "aside")
                          if st.get(k + "_accuracy") is not None)
-        lines += [f"State head on the final chunk of every test dialogue turn: **{_pct(st['final_chunk_accuracy'])}** "
-                  f"of {st['n']} turns ({part}); turns where it left 'listen' before the final chunk: "
-                  f"{st['turns_deciding_early']}.", ""]
+        after = st.get("final_chunk_after_speech_ms")
+        ends = (f" (it ends {after['min']:.0f}-{after['max']:.0f} ms after the user's speech, "
+                f"{after['avg']:.0f} ms on average)") if after else ""
+        lines += [f"State head on the final chunk{ends} of every test dialogue turn: "
+                  f"**{_pct(st['final_chunk_accuracy'])}** of {st['n']} turns ({part}); turns where it left "
+                  f"'listen' before the final chunk: {st['turns_deciding_early']}.", ""]
     return lines
 
 

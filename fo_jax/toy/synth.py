@@ -3,6 +3,7 @@
 User speech is 16 kHz (the encoder's rate) from nine voices: Piper "joe" at several speeds and
 noise settings, and espeak-ng male/female variants at several rates and pitches. The assistant
 speaks with ONE fixed voice (Piper joe, noise off, so deterministic) at 24 kHz, the codec's rate.
+A user clip ends on a whole 160 ms chunk, at least ``END_PAUSE`` after its speech (``end_on_chunk``).
 
 Every clip is cached at ``<cache>/<key[:2]>/<key>.wav`` where ``key`` hashes (engine, voice
 settings, text, rate): a rerun, or another manifest that needs the same clip, reuses the file.
@@ -28,10 +29,13 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from fo_jax.audio.fbank import CHUNK_SAMPLES
 from fo_jax.toy.world import make_world, normalize
 
 USER_RATE, ASSISTANT_RATE = 16000, 24000
 CACHE_VERSION = 1  # bump when synthesis changes in a way the key does not capture
+# A user clip ends on a 160 ms chunk boundary at least this long after its speech (``end_on_chunk``).
+END_PAUSE = 0.16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,20 +88,39 @@ def voices_for(text: str, seed: int, count: int, pool: Sequence[Voice] = USER_VO
 
 
 def clip_path(cache_dir: str | os.PathLike, text: str, voice: Voice, rate: int) -> Path:
-    key = json.dumps([CACHE_VERSION, voice.engine, voice.params, text, rate])
+    key = [CACHE_VERSION, voice.engine, voice.params, text, rate] + ([["end_pause", END_PAUSE]] if rate == USER_RATE else [])
+    key = json.dumps(key)
     digest = hashlib.sha256(key.encode()).hexdigest()[:24]
     return Path(cache_dir) / digest[:2] / f"{digest}.wav"
 
 
 def render(text: str, voice: Voice, rate: int) -> np.ndarray:
-    """(N,) float32 speech at ``rate``; peaks above 0.99 (resampling overshoot) are scaled down."""
+    """(N,) float32 speech at ``rate``; peaks above 0.99 (resampling overshoot) are scaled down.
+    User clips (``USER_RATE``) end as ``end_on_chunk`` says."""
     from fo_jax.testing.speech import synthesize
 
     audio = synthesize(text, voice.engine, rate, **voice.kwargs)
     if audio.size == 0:
         raise RuntimeError(f"{voice.name} produced no audio for {text!r}")
     peak = float(np.abs(audio).max())
-    return audio * (0.99 / peak) if peak > 0.99 else audio
+    audio = audio * (0.99 / peak) if peak > 0.99 else audio
+    return end_on_chunk(audio, rate) if rate == USER_RATE else audio
+
+
+def end_on_chunk(audio: np.ndarray, rate: int = USER_RATE, pause: float = END_PAUSE) -> np.ndarray:
+    """``audio`` cut or zero-padded to the first whole 160 ms chunk ending ``pause`` s or more after
+    its speech (``speech_end``).
+
+    Why: the state head is trained and scored on a turn's last chunk. The TTS voices leave 0-400 ms
+    after the last word, so a last chunk could end 10 ms after the speech, where nothing tells an
+    ending from a pause between words (6 of a full run's 8 wrong final chunks; the same model with
+    >= 100 ms there: 84 of 86 right). With the default the last chunk ends 160-320 ms after the
+    speech: the paper's endpoint delay (1-2 chunks). Whole chunks also make training's chunk count
+    (from fbank frames) and streaming's (from samples) agree.
+    """
+    chunk = rate * CHUNK_SAMPLES // 16000
+    n = -(-int(round((speech_end(audio, rate) + pause) * rate)) // chunk) * chunk
+    return np.pad(audio[:n], (0, max(0, n - len(audio)))).astype(np.float32)
 
 
 def synthesize_all(jobs: Iterable[tuple[str, Voice, int]], cache_dir: str | os.PathLike,

@@ -125,17 +125,22 @@ def speech_in_eval(engine: Engine, test_qa: str | os.PathLike, train_qa: str | o
 
 def state_eval(engine: Engine, dialogues_test: str | os.PathLike, progress: bool = True) -> dict[str, Any]:
     """State-head decisions on the final chunk of every test dialogue turn (``dialogues_test.jsonl``).
+    ``final_chunk_after_speech_ms``: how long after the speech the final chunks end (min/avg/max;
+    the toy's user clips end ``fo_jax.toy.synth.END_PAUSE`` or more after it, on a whole chunk).
 
     Each turn is heard whole without deciding (as stage 3 trains: one label per chunk); then, as in
     training, an addressed turn is followed by its reference answer (forced text) and an aside is
     dropped from the context.
     """
     records, base = _records(dialogues_test)
-    rows = []
+    rows, after_speech = [], []
     for d in _bar(records, "state head", progress):
         conv = _conversation(engine)
         for turn in d["turns"]:
-            probs = conv.listen(whole_chunks(_user_audio(turn, base)), decide=False)
+            audio = whole_chunks(_user_audio(turn, base))
+            if "speech_end" in turn:
+                after_speech.append(1e3 * (len(audio) / USER_RATE - turn["speech_end"]))
+            probs = conv.listen(audio, decide=False)
             head = int(decide(probs[-1]))
             want = HEAD_START_SPEAKING if turn["addressed"] else HEAD_STOP_LISTENING
             rows.append({"text": turn["text"], "addressed": turn["addressed"], "head": head, "ok": head == want,
@@ -151,6 +156,8 @@ def state_eval(engine: Engine, dialogues_test: str | os.PathLike, progress: bool
             "addressed_accuracy": float(np.mean(addressed)) if addressed else None,
             "aside_accuracy": float(np.mean(asides)) if asides else None,
             "turns_deciding_early": sum(r["early"] > 0 for r in rows),
+            "final_chunk_after_speech_ms": {k: float(f(after_speech)) for k, f in
+                                            (("min", np.min), ("avg", np.mean), ("max", np.max))} if after_speech else None,
             "errors": [r for r in rows if not r["ok"]][:10]}
 
 
