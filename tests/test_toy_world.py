@@ -77,9 +77,16 @@ def test_answers_are_consistent():
 def test_speech_never_hears_test_questions_and_covers_their_words():
     w = make_world(3)
     train, test = w.split("train"), w.split("test")
-    for d in world.dialogues(train, w.asides_of("train"), seed=3, rounds=2):
+    dialogues = world.dialogues(train, w.asides_of("train"), seed=3, rounds=2)
+    for d in dialogues:
         assert {t.id for t in d} <= {p.id for p in train} | {a.id for a in w.asides_of("train")}
         assert any(t.addressed for t in d)
+    assert dialogues == world.dialogues(train, w.asides_of("train"), seed=3, rounds=2)
+    # Every question once per round; asides dealt from a deck: each heard equally often, +-1.
+    assert Counter(t.id for d in dialogues for t in d if t.addressed) == {p.id: 2 for p in train}
+    for asides in (w.asides_of("train"), w.asides_of("test")):
+        heard = Counter(t.id for d in world.dialogues(train, asides, seed=3) for t in d if not t.addressed)
+        assert set(heard) == {a.id for a in asides} and max(heard.values()) - min(heard.values()) <= 1, heard
     heard = {x for s in [p.question for p in train] + [a.text for a in w.asides_of("train")] + list(w.read)
              for x in normalize(s).split()}
     said = [p.question for p in test] + [a.text for a in w.asides_of("test")]

@@ -313,10 +313,19 @@ def dialogues(qa: Sequence[QA], asides: Sequence[Aside], seed: int, rounds: int 
 
     Each round shuffles the questions and cuts them into dialogues of random length; with
     probability ``aside_rate`` an aside (if any) is inserted before each question, and a
-    dialogue may end with one. Order and composition depend on ``seed`` only.
+    dialogue may end with one. Asides are dealt from a shuffled deck (reshuffled when empty), so
+    each is heard equally often, +-1: drawn with replacement, one of a test split's 15 asides
+    made 5 of its 27 aside turns. Order and composition depend on ``seed`` only.
     """
     rng = random.Random(f"dialogues/{seed}")
     out = []
+    deck: list[Aside] = []
+
+    def deal() -> Aside:
+        if not deck:
+            deck.extend(rng.sample(list(asides), len(asides)))
+        return deck.pop()
+
     for _ in range(rounds):
         order = list(qa)
         rng.shuffle(order)
@@ -326,11 +335,11 @@ def dialogues(qa: Sequence[QA], asides: Sequence[Aside], seed: int, rounds: int 
             turns = []
             for p in order[i:i + n]:
                 if asides and rng.random() < aside_rate:
-                    a = rng.choice(asides)
+                    a = deal()
                     turns.append(Turn(a.id, a.text, None))
                 turns.append(Turn(p.id, p.question, p.answer))
             if asides and rng.random() < aside_rate / 2:
-                a = rng.choice(asides)
+                a = deal()
                 turns.append(Turn(a.id, a.text, None))
             out.append(tuple(turns))
             i += n
