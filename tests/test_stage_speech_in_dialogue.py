@@ -1,6 +1,7 @@
 """Speech-in stage 3 (prompt embeddings + state head on spoken dialogues): the training sequence is
 what streaming inference feeds, labels, frozen weights, gradients through the frozen LLM."""
 
+import json
 import shutil
 
 import jax
@@ -19,7 +20,7 @@ from fo_jax.training.checkpoint import load_lineage
 from fo_jax.training.freeze import fingerprint, flatten
 from fo_jax.training.speech_common import graft, init_speech_llm
 from fo_jax.training.stages import build_stage
-from fo_jax.training.stages.speech_in_dialogue import Turn
+from fo_jax.training.stages.speech_in_dialogue import Turn, decision_chunk
 from tests.speech_stage_utils import (assert_moments_only_for, fake_speech_run, speech_world, stage_gradients,
                                       train_run)
 
@@ -284,3 +285,30 @@ def test_frozen_leaves_come_from_the_run_each_stage_started_from(world, tmp_path
     assert load_lineage(tmp_path / "s3")[1]["start_run_missing"] == str(tmp_path / "s1")
     with pytest.raises(ConfigError, match=r"started from .*s1, which is gone.*no param 'subsampling/"):
         stage.load_params(jax.random.key(0))
+
+
+def test_decision_labels_from_a_pause_after_the_speech(world, tmp_path):
+    assert decision_chunk(0.7, 0.1, 8) == 4  # chunk 4 ends at 0.80 s: the first >= 0.7 + 0.1
+    assert decision_chunk(0.62, 0.1, 8) == 4 and decision_chunk(0.5, 0.0, 8) == 3  # ends 0.64 s >= 0.5
+    assert decision_chunk(1.5, 0.1, 8) == 7 and decision_chunk(0.0, 0.05, 8) == 0  # clamped to the turn
+    stage = _stage(world)
+    row = stage.layout([Turn(3, (40,), decide_from=1), Turn(2, None, decide_from=0), Turn(2, (41,))]).arrays(
+        128, 16, 16)
+    assert list(row["state_label"][:int(row["state_w"].sum())]) == [0, 1, 1, 2, 2, 0, 1]
+    # From a manifest: turns with a speech_end get their decision chunk; others keep the last chunk.
+    lines = [json.loads(x) for x in (world / "dialogues.jsonl").read_text().splitlines()[:4]]
+    for t in (t for x in lines for t in x["turns"]):
+        t["audio"] = str(world / t["audio"])
+    lines[0]["turns"][0]["speech_end"] = 0.7  # 0.wav: 1.2 s, 8 chunks
+    lines[2]["turns"][1]["speech_end"] = 0.9
+    manifest = tmp_path / "dialogues.jsonl"
+    manifest.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    for pause, first in ((0.1, 4), (0.0, 7)):
+        stage = build_stage(_config(world, f"stage.manifest={manifest}", f"stage.decision_pause={pause}"))
+        turns = stage.dialogues[0] + stage.dialogues[2]
+        assert turns[0].chunks == 8 and (turns[0].decide_from or 7) == first
+        assert [t.decide_from is None for t in turns[1:]] == [True, pause == 0, True]
+        if pause:
+            assert turns[2].decide_from == decision_chunk(0.9, 0.1, turns[2].chunks) == 6
+    with pytest.raises(ConfigError, match="stage.decision_pause=-0.1"):
+        _stage(world, "stage.decision_pause=-0.1")

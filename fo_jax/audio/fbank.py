@@ -47,6 +47,7 @@ LOG_FLOOR = float(np.finfo(np.float32).eps)
 CHUNK_FRAMES = 16  # new fbank frames per streaming step
 CHUNK_OVERLAP = 3  # previous frames repeated at the start of each encoder input chunk
 CHUNK_SAMPLES = CHUNK_FRAMES * FRAME_SHIFT  # 2560 samples = 160 ms
+CHUNK_SECONDS = CHUNK_SAMPLES / SAMPLE_RATE  # 0.16
 STREAM_CONTEXT = FRAME_LENGTH - FRAME_SHIFT  # 240 samples carried between chunks
 
 

@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fo_jax.audio.fbank import CHUNK_OVERLAP, CHUNK_SAMPLES, FbankStreamState, fbank_stream_step
+from fo_jax.audio.fbank import CHUNK_OVERLAP, CHUNK_SAMPLES, CHUNK_SECONDS, FbankStreamState, fbank_stream_step
 from fo_jax.errors import FoJaxError
 from fo_jax.inference import session as S
 from fo_jax.inference import speech_decoder as sd
@@ -57,7 +57,6 @@ from fo_jax.text.tokenizer import load_tokenizer
 
 DEFAULT_ROLE = "You are a helpful assistant."  # the release's offline script
 TEXT_MARGIN = 16  # re-tokenised segment text may be a few tokens longer than the segment
-CHUNK_SECONDS = CHUNK_SAMPLES / 16000
 # The paper's latency table, in order: each stage ends at its event (seconds since the decision).
 LATENCY_EVENTS = ("first_text_chunk", "decoder_prefill", "first_speech_chunk", "first_pcm")
 

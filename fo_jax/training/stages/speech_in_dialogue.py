@@ -12,7 +12,9 @@ A dialogue is laid out exactly as the streaming inference feeds it (``fo_jax.inf
                    start): later positions do not see it and continue from its first position.
 
 Labels: the state head at the last frame of every chunk: 0 while the user speaks, on the turn's
-final chunk 1 (answer) or 2 (not addressed). Like inference, it is read as a softmax over the
+final chunk 1 (answer) or 2 (not addressed); with ``stage.decision_pause`` > 0 and a ``speech_end``
+(seconds) in the turn's record, on every chunk from the first that ends that long after the speech
+(``decision_chunk``): once the user has paused, decide. Like inference, it is read as a softmax over the
 first 3 logits (the 4th class is never trained). Loss = LLM cross-entropy on the answer tokens
 (mean over tokens) + ``stage.state_weight`` x state cross-entropy (mean over labelled chunks, or
 with ``stage.state_balanced`` the mean of each state's mean: ``state_cross_entropy``).
@@ -22,8 +24,8 @@ the inference program itself), so the embeddings are the ones inference produces
 official positional quirk too; ``stage.streaming_encoder=False`` uses one whole-utterance forward
 instead (equal for the first 17 chunks of a turn, faster on accelerators).
 
-Manifest lines: ``{"turns": [{"audio", "addressed", "answer"}, ...]}`` (the toy world's dialogues;
-``addressed`` defaults to a non-empty ``answer``). Encoder, adapter, task embeddings and CMVN come
+Manifest lines: ``{"turns": [{"audio", "addressed", "answer", "speech_end"}, ...]}`` (the toy world's
+dialogues; ``addressed`` defaults to a non-empty ``answer``; ``speech_end`` is optional). Encoder, adapter, task embeddings and CMVN come
 from a stage-2 run (``stage.speech_from=WORKDIR``).
 """
 
@@ -37,7 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fo_jax.audio.fbank import CHUNK_FRAMES, CHUNK_OVERLAP, NUM_MEL_BINS
+from fo_jax.audio.fbank import CHUNK_FRAMES, CHUNK_OVERLAP, CHUNK_SECONDS, NUM_MEL_BINS
 from fo_jax.data.augment import SpecAugmentConfig, spec_augment
 from fo_jax.data.manifest import read_manifest
 from fo_jax.data.prepare import check_audio
@@ -52,11 +54,20 @@ from fo_jax.training.speech_common import (Layout, cmvn_params, layout_spec, seq
 
 @dataclasses.dataclass(frozen=True)
 class Turn:
-    """One user turn as the layout needs it: its streaming chunks and the answer's token ids
-    (None: not addressed to the assistant)."""
+    """One user turn as the layout needs it: its streaming chunks, the answer's token ids (None: not
+    addressed to the assistant) and the first chunk labelled with the turn's decision (None: the
+    last chunk only)."""
 
     chunks: int
     answer_ids: tuple[int, ...] | None
+    decide_from: int | None = None
+
+
+def decision_chunk(speech_end: float, pause: float, chunks: int) -> int:
+    """The first of a turn's ``chunks`` (160 ms each, from the clip's start) that ends ``pause`` s or
+    more after the speech ends at ``speech_end`` s; the last chunk if none does."""
+    first = int(np.ceil(round((speech_end + pause) / CHUNK_SECONDS, 6))) - 1
+    return min(max(first, 0), chunks - 1)
 
 
 def _turns(record: dict) -> list[dict]:
@@ -97,6 +108,9 @@ class SpeechInDialogueStage:
         self.per_chunk = output_frames(self.model.adapter, self.model.encoder.chunk_size)
         self.state_weight, self.streaming = float(s.state_weight), bool(s.streaming_encoder)
         self.state_balanced = bool(s.get("state_balanced", False))
+        self.decision_pause = float(s.get("decision_pause", 0.0))
+        if self.decision_pause < 0:
+            raise ConfigError(f"stage.decision_pause={self.decision_pause}: seconds, >= 0 (0: the last chunk only)")
         self.augment = SpecAugmentConfig(**s.spec_augment) if s.get("spec_augment") else None
         self.speech_from, self.role = s.get("speech_from") or None, s.get("system_role") or None
         self.records, self.rejected, self.manifest = None, [], s.get("manifest") or None
@@ -115,9 +129,7 @@ class SpeechInDialogueStage:
         report: list[str] = []
         self.records = read_manifest(self.manifest, required=["turns"], validate=check_dialogue, policy=policy,
                                      report=report)
-        self.dialogues = [[Turn(stream_chunks(record_frames(t, self.base)),
-                                tuple(tokenizer.encode(t["answer"], add_special_tokens=False)) if _addressed(t) else None)
-                           for t in _turns(r)] for r in self.records]
+        self.dialogues = [[self._turn(t, tokenizer) for t in _turns(r)] for r in self.records]
         lengths, problems = [], []
         for record, turns in zip(self.records, self.dialogues):
             problem = self._limits(turns)
@@ -128,6 +140,13 @@ class SpeechInDialogueStage:
                                   f"{problems[i]}" for i in dropped]
         if not self.batches:
             raise ConfigError(f"{self.manifest}: too few usable dialogues for one batch of {self.batch_size}")
+
+    def _turn(self, t: dict, tokenizer) -> Turn:
+        chunks = stream_chunks(record_frames(t, self.base))
+        answer = tuple(tokenizer.encode(t["answer"], add_special_tokens=False)) if _addressed(t) else None
+        decide = (decision_chunk(float(t["speech_end"]), self.decision_pause, chunks)
+                  if self.decision_pause > 0 and "speech_end" in t else None)
+        return Turn(chunks, answer, decide)
 
     def _limits(self, turns: Sequence[Turn]) -> str | None:
         """Why a dialogue does not fit the fixed batch shapes, or None."""
@@ -156,10 +175,10 @@ class SpeechInDialogueStage:
             start = len(lay)
             lay.text(t.listen_ids)
             lay.prompts(self.model.adapter.prompt_num)
+            decide_from = turn.chunks - 1 if turn.decide_from is None else turn.decide_from
             for c in range(turn.chunks):
                 lay.audio(k * per_turn + c * self.per_chunk, self.per_chunk)
-                final = c == turn.chunks - 1
-                lay.state(HEAD_KEEP_LISTENING if not final else
+                lay.state(HEAD_KEEP_LISTENING if c < decide_from else
                           HEAD_START_SPEAKING if turn.answer_ids is not None else HEAD_STOP_LISTENING)
             if turn.answer_ids is None:
                 lay.drop_since(start)
