@@ -52,6 +52,7 @@ def test_toy_quick_end_to_end_and_rerun_skips(tmp_path, capsys):
     # Every turn's final chunk ends 160-320 ms after its speech (synth.end_on_chunk; 10 ms: the 16-bit file).
     after = results["state_eval"]["final_chunk_after_speech_ms"]
     assert 150 <= after["min"] <= after["avg"] <= after["max"] <= 320, after
+    assert 0 <= results["state_eval"]["turns_deciding_before_speech_end"] <= results["state_eval"]["n"]
     spoken = results["speech_out_eval"]
     assert spoken["n"] == talk["n"] and spoken["reference_accuracy"] >= 0.75, spoken  # the recognizer hears TTS
     assert set(spoken["by_category"]) == {r["category"] for r in read_manifest(tmp_path / "data/manifests/test_qa.jsonl")}

@@ -130,14 +130,15 @@ def test_report_speech_out_shows_categories_and_misses(tmp_path):
 
 def test_report_state_head_says_where_the_final_chunk_ends(tmp_path):
     ev = {"final_chunk_accuracy": 0.95, "n": 20, "addressed_accuracy": 1.0, "aside_accuracy": 0.9,
-          "turns_deciding_early": 2, "errors": [],
+          "turns_deciding_early": 2, "turns_deciding_before_speech_end": 1, "errors": [],
           "final_chunk_after_speech_ms": {"min": 160.0, "avg": 231.5, "max": 320.0}}
     run = RunInfo(tmp_path, quick=False, outcomes=[Outcome("state_eval", "done", result=ev)], budget_s=1800)
     assert _status(evaluate_targets(run), "state head correct on the final chunk")["status"] == PASS
     md = write_report(tmp_path, run)["markdown"].read_text()
     assert ("State head on the final chunk (it ends 160-320 ms after the user's speech, 232 ms on average) of every "
             "test dialogue turn: **95.0 %** of 20 turns (addressed 100.0 %, aside 90.0 %); turns where it left "
-            "'listen' before the final chunk: 2.") in md
-    del ev["final_chunk_after_speech_ms"]  # a result written before the field existed
-    assert "State head on the final chunk of every test dialogue turn: **95.0 %**" in \
-        write_report(tmp_path, run)["markdown"].read_text()
+            "'listen' before the final chunk: 2 (on a chunk that ended before the user's speech: 1).") in md
+    del ev["final_chunk_after_speech_ms"], ev["turns_deciding_before_speech_end"]  # results from before them
+    md = write_report(tmp_path, run)["markdown"].read_text()
+    assert "State head on the final chunk of every test dialogue turn: **95.0 %**" in md
+    assert "'listen' before the final chunk: 2." in md

@@ -127,6 +127,9 @@ def state_eval(engine: Engine, dialogues_test: str | os.PathLike, progress: bool
     """State-head decisions on the final chunk of every test dialogue turn (``dialogues_test.jsonl``).
     ``final_chunk_after_speech_ms``: how long after the speech the final chunks end (min/avg/max;
     the toy's user clips end ``fo_jax.toy.synth.END_PAUSE`` or more after it, on a whole chunk).
+    ``turns_deciding_early``: turns where the head leaves 'listen' before the final chunk (in the
+    pause, as stage 3's ``decision_pause`` teaches, or sooner); ``turns_deciding_before_speech_end``:
+    those where it does so on a chunk that ends while the user still speaks.
 
     Each turn is heard whole without deciding (as stage 3 trains: one label per chunk); then, as in
     training, an addressed turn is followed by its reference answer (forced text) and an aside is
@@ -143,8 +146,11 @@ def state_eval(engine: Engine, dialogues_test: str | os.PathLike, progress: bool
             probs = conv.listen(audio, decide=False)
             head = int(decide(probs[-1]))
             want = HEAD_START_SPEAKING if turn["addressed"] else HEAD_STOP_LISTENING
+            decided = np.asarray(decide(probs)) != 0
+            ends = CHUNK_SECONDS * np.arange(1, len(probs) + 1)  # each chunk's end, s into the clip
             rows.append({"text": turn["text"], "addressed": turn["addressed"], "head": head, "ok": head == want,
-                         "early": int(np.sum(np.asarray(decide(probs[:-1])) != 0))})
+                         "early": int(np.sum(decided[:-1])),
+                         "cut_in": int(np.sum(decided & (ends < turn.get("speech_end", 0.0))))})
             if turn["addressed"]:
                 ids = engine.tokenizer(turn["answer"], add_special_tokens=False)["input_ids"]
                 conv.respond(force_tokens=ids, speech=False).read()
@@ -156,6 +162,7 @@ def state_eval(engine: Engine, dialogues_test: str | os.PathLike, progress: bool
             "addressed_accuracy": float(np.mean(addressed)) if addressed else None,
             "aside_accuracy": float(np.mean(asides)) if asides else None,
             "turns_deciding_early": sum(r["early"] > 0 for r in rows),
+            "turns_deciding_before_speech_end": sum(r["cut_in"] > 0 for r in rows),
             "final_chunk_after_speech_ms": {k: float(f(after_speech)) for k, f in
                                             (("min", np.min), ("avg", np.mean), ("max", np.max))} if after_speech else None,
             "errors": [r for r in rows if not r["ok"]][:10]}
