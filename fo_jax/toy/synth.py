@@ -88,8 +88,8 @@ def voices_for(text: str, seed: int, count: int, pool: Sequence[Voice] = USER_VO
 
 
 def clip_path(cache_dir: str | os.PathLike, text: str, voice: Voice, rate: int) -> Path:
-    key = [CACHE_VERSION, voice.engine, voice.params, text, rate] + ([["end_pause", END_PAUSE]] if rate == USER_RATE else [])
-    key = json.dumps(key)
+    ending = [["end_pause", END_PAUSE]] if rate == USER_RATE else []  # user clips: end_on_chunk
+    key = json.dumps([CACHE_VERSION, voice.engine, voice.params, text, rate] + ending)
     digest = hashlib.sha256(key.encode()).hexdigest()[:24]
     return Path(cache_dir) / digest[:2] / f"{digest}.wav"
 

@@ -163,8 +163,8 @@ def state_eval(engine: Engine, dialogues_test: str | os.PathLike, progress: bool
             "aside_accuracy": float(np.mean(asides)) if asides else None,
             "turns_deciding_early": sum(r["early"] > 0 for r in rows),
             "turns_deciding_before_speech_end": sum(r["cut_in"] > 0 for r in rows),
-            "final_chunk_after_speech_ms": {k: float(f(after_speech)) for k, f in
-                                            (("min", np.min), ("avg", np.mean), ("max", np.max))} if after_speech else None,
+            "final_chunk_after_speech_ms": ({"min": min(after_speech), "avg": float(np.mean(after_speech)),
+                                             "max": max(after_speech)} if after_speech else None),
             "errors": [r for r in rows if not r["ok"]][:10]}
 
 

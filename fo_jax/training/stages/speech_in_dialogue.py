@@ -14,8 +14,8 @@ A dialogue is laid out exactly as the streaming inference feeds it (``fo_jax.inf
 Labels: the state head at the last frame of every chunk: 0 while the user speaks, on the turn's
 final chunk 1 (answer) or 2 (not addressed); with ``stage.decision_pause`` > 0 and a ``speech_end``
 (seconds) in the turn's record, on every chunk from the first that ends that long after the speech
-(``decision_chunk``): once the user has paused, decide. Like inference, it is read as a softmax over the
-first 3 logits (the 4th class is never trained). Loss = LLM cross-entropy on the answer tokens
+(``decision_chunk``): once the user has paused, decide. Like inference, it is read as a softmax over
+the first 3 logits (the 4th class is never trained). Loss = LLM cross-entropy on the answer tokens
 (mean over tokens) + ``stage.state_weight`` x state cross-entropy (mean over labelled chunks, or
 with ``stage.state_balanced`` the mean of each state's mean: ``state_cross_entropy``).
 
@@ -25,8 +25,8 @@ official positional quirk too; ``stage.streaming_encoder=False`` uses one whole-
 instead (equal for the first 17 chunks of a turn, faster on accelerators).
 
 Manifest lines: ``{"turns": [{"audio", "addressed", "answer", "speech_end"}, ...]}`` (the toy world's
-dialogues; ``addressed`` defaults to a non-empty ``answer``; ``speech_end`` is optional). Encoder, adapter, task embeddings and CMVN come
-from a stage-2 run (``stage.speech_from=WORKDIR``).
+dialogues; ``addressed`` defaults to a non-empty ``answer``; ``speech_end`` is optional). Encoder,
+adapter, task embeddings and CMVN come from a stage-2 run (``stage.speech_from=WORKDIR``).
 """
 
 from __future__ import annotations
