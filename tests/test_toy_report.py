@@ -137,7 +137,7 @@ def test_report_state_head_says_where_the_final_chunk_ends(tmp_path):
     md = write_report(tmp_path, run)["markdown"].read_text()
     assert ("State head on the final chunk (it ends 160-320 ms after the user's speech, 232 ms on average) of every "
             "test dialogue turn: **95.0 %** of 20 turns (addressed 100.0 %, aside 90.0 %); turns where it left "
-            "'listen' before the final chunk: 2 (on a chunk that ended before the user's speech: 1).") in md
+            "'listen' before the final chunk: 2 (on a chunk that ended before the user's speech did: 1).") in md
     del ev["final_chunk_after_speech_ms"], ev["turns_deciding_before_speech_end"]  # results from before them
     md = write_report(tmp_path, run)["markdown"].read_text()
     assert "State head on the final chunk of every test dialogue turn: **95.0 %**" in md

@@ -320,7 +320,7 @@ def _speech_in_section(run: RunInfo) -> list[str]:
         part = ", ".join(f"{k} {_pct(st[k + '_accuracy'])}" for k in ("addressed", "aside")
                          if st.get(k + "_accuracy") is not None)
         after = st.get("final_chunk_after_speech_ms")
-        cut_in = (f" (on a chunk that ended before the user's speech: {st['turns_deciding_before_speech_end']})"
+        cut_in = (f" (on a chunk that ended before the user's speech did: {st['turns_deciding_before_speech_end']})"
                   if "turns_deciding_before_speech_end" in st else "")
         ends = (f" (it ends {after['min']:.0f}-{after['max']:.0f} ms after the user's speech, "
                 f"{after['avg']:.0f} ms on average)") if after else ""
