@@ -144,9 +144,9 @@ def state_eval(engine: Engine, dialogues_test: str | os.PathLike, progress: bool
             if "speech_end" in turn:
                 after_speech.append(1e3 * (len(audio) / USER_RATE - turn["speech_end"]))
             probs = conv.listen(audio, decide=False)
-            head = int(decide(probs[-1]))
+            decisions = np.asarray(decide(probs))
+            head, decided = int(decisions[-1]), decisions != 0
             want = HEAD_START_SPEAKING if turn["addressed"] else HEAD_STOP_LISTENING
-            decided = np.asarray(decide(probs)) != 0
             ends = CHUNK_SECONDS * np.arange(1, len(probs) + 1)  # each chunk's end, s into the clip
             rows.append({"text": turn["text"], "addressed": turn["addressed"], "head": head, "ok": head == want,
                          "early": int(np.sum(decided[:-1])),
