@@ -178,9 +178,13 @@ def test_voices_rates_and_variety(tmp_path):
     for x, _ in clips[:-1]:  # user clips: whole chunks, the last one >= END_PAUSE after the speech
         # (measured on the 16-bit file: a frame near the threshold may count 10 ms later than before)
         assert len(x) % CHUNK_SAMPLES == 0 and len(x) / 16000 >= synth.speech_end(x, 16000) + synth.END_PAUSE - 0.0101
-    lengths = np.array([len(x) / r for x, r in clips[:-1]])
+    # Speaking time, to the end of the speech: the clips themselves now end on whole 160 ms chunks
+    # after a pause (end_on_chunk), so their lengths no longer carry each voice's trailing silence
+    # (with it these clips spanned 1.43-2.01 s; speech ends at 1.42-1.80 s, the espeak-ng ones
+    # deterministic: espeak-m3-quick 1.42 s, espeak-m7-low 1.76 s).
+    lengths = np.array([synth.speech_end(x, r) for x, r in clips[:-1]])
     centroids = np.array([_centroid(x, r) for x, r in clips[:-1]])
-    assert max(lengths) > 1.25 * min(lengths) and max(centroids) > 1.3 * min(centroids)  # speed, pitch/timbre
+    assert max(lengths) > 1.2 * min(lengths) and max(centroids) > 1.3 * min(centroids)  # speed, pitch/timbre
     for i in range(len(voices)):  # every two voices differ by > 4 % in duration or spectral centroid
         for j in range(i):
             assert max(abs(np.log(lengths[i] / lengths[j])), abs(np.log(centroids[i] / centroids[j]))) > 0.04
