@@ -26,12 +26,12 @@ from typing import Any
 
 import numpy as np
 
-from fo_jax.audio.fbank import CHUNK_SAMPLES
+from fo_jax.audio.fbank import CHUNK_SAMPLES, CHUNK_SECONDS
 from fo_jax.audio.io import TARGET_RATE, audio_info, stream_audio
 from fo_jax.errors import FoJaxError
 from fo_jax.inference.dialogue import State
 from fo_jax.inference.llm import round_up
-from fo_jax.inference.pipeline import CHUNK_SECONDS, DEFAULT_ROLE, ContextFull, Conversation, Engine, Reply
+from fo_jax.inference.pipeline import DEFAULT_ROLE, ContextFull, Conversation, Engine, Reply
 
 MODES = ("forced", "duplex")
 CONTEXT_BUCKET = 256

@@ -29,7 +29,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from fo_jax.audio.fbank import CHUNK_SAMPLES
+from fo_jax.audio.fbank import CHUNK_SECONDS
 from fo_jax.toy.world import make_world, normalize
 
 USER_RATE, ASSISTANT_RATE = 16000, 24000
@@ -118,7 +118,7 @@ def end_on_chunk(audio: np.ndarray, rate: int = USER_RATE, pause: float = END_PA
     speech: the paper's endpoint delay (1-2 chunks). Whole chunks also make training's chunk count
     (from fbank frames) and streaming's (from samples) agree.
     """
-    chunk = rate * CHUNK_SAMPLES // 16000
+    chunk = round(CHUNK_SECONDS * rate)  # samples
     n = -(-int(round((speech_end(audio, rate) + pause) * rate)) // chunk) * chunk
     return np.pad(audio[:n], (0, max(0, n - len(audio)))).astype(np.float32)
 

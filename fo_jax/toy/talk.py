@@ -28,12 +28,12 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from fo_jax.audio.fbank import CHUNK_SAMPLES
+from fo_jax.audio.fbank import CHUNK_SAMPLES, CHUNK_SECONDS
 from fo_jax.audio.io import load_audio, resample, write_wav
 from fo_jax.data.manifest import read_manifest, resolve
 from fo_jax.inference.bundle import load_bundle
 from fo_jax.inference.dialogue import State
-from fo_jax.inference.pipeline import CHUNK_SECONDS, DEFAULT_ROLE, Conversation, Engine, EngineOptions
+from fo_jax.inference.pipeline import DEFAULT_ROLE, Conversation, Engine, EngineOptions
 from fo_jax.inference.sampling import SamplingConfig
 from fo_jax.models.audio_llm import HEAD_START_SPEAKING, HEAD_STOP_LISTENING, decide
 from fo_jax.toy.build import stratified_subset
