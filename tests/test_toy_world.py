@@ -42,8 +42,8 @@ def test_world_is_deterministic_with_expected_counts():
     for cat, n in counts.items():  # stratified 15 % hold-out
         n_test = sum(p.split == "test" for p in w0.qa if p.category == cat)
         assert n_test == round(0.15 * n), cat
-    assert len(w0.asides) == 100 and len({a.text for a in w0.asides}) == 100
-    assert sum(a.split == "test" for a in w0.asides) == 15
+    assert len(w0.asides) == 160 and len({a.text for a in w0.asides}) == 160
+    assert sum(a.split == "test" for a in w0.asides) == 24
     questions = {p.question for p in w0.qa}
     for a in w0.asides:  # asides never look like the assistant's question templates
         assert a.text not in questions and not re.match(r"(What is|What color|Count from)", a.text), a.text
@@ -85,7 +85,7 @@ def test_speech_never_hears_test_questions_and_covers_their_words():
     # Every question once per round; asides dealt from a deck: each heard equally often, +-1.
     assert Counter(t.id for d in dialogues for t in d if t.addressed) == {p.id: 2 for p in train}
     for asides in (w.asides_of("train"), w.asides_of("test")):
-        heard = Counter(t.id for d in world.dialogues(train, asides, seed=3) for t in d if not t.addressed)
+        heard = Counter(t.id for d in world.dialogues(train, asides, seed=3, rounds=2) for t in d if not t.addressed)
         assert set(heard) == {a.id for a in asides} and max(heard.values()) - min(heard.values()) <= 1, heard
     heard = {x for s in [p.question for p in train] + [a.text for a in w.asides_of("train")] + list(w.read)
              for x in normalize(s).split()}

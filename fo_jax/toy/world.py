@@ -5,7 +5,7 @@ Content (all short English sentences, numbers spelled as words so TTS and recogn
   ``plus`` / ``minus`` / ``times`` ("What is seven plus five?" -> "Seven plus five is twelve."),
   ``capital`` (60 countries), ``color`` (40 things), ``opposite`` (55 words),
   ``counting`` ("Count from three to six." -> "Three, four, five, six.").
-- Asides: ~100 utterances NOT addressed to the assistant ("Pass me the salt, please."), the
+- Asides: 160 utterances NOT addressed to the assistant ("Pass me the salt, please."), the
   speech that speech-in stage 3 labels with state 2 ("heard, do not answer").
 - Read sentences: one templated sentence per named entity ("My aunt went to France last
   summer.") and word lists of the asides' other words. The ASR stages hear them (and the
@@ -168,6 +168,31 @@ ASIDES = (
     "Ben, come and help me with this.", "I think the dog wants to go out.",
     "Your mother called this afternoon.", "I love the smell of fresh bread.",
     "Let's sit by the window.", "Somebody left the gate open.",
+    # Imperatives and questions meant for someone else: the toy's one spoken request is "Count
+    # from ... to ...", and with few imperative asides the state head took "Wait for me at the
+    # station." for a request (2026-12-07).
+    "Close the door behind you.", "Go and brush your teeth.", "Call your grandmother tonight.",
+    "Take the dog out for a walk.", "Ask your teacher about the homework.",
+    "Leave the bags in the hall.", "Finish your vegetables first.", "Turn off the lights, please.",
+    "Meet me outside the bank at noon.", "Bring me a glass of water.", "Keep the change.",
+    "Tell Lisa I will be late.", "Find your coat, we are leaving.", "Sit down and eat your soup.",
+    "Check the mail on your way in.", "Wake me up at seven tomorrow.", "Try the other key.",
+    "Show me the photos from the trip.", "Watch out for the step.", "Open the window a little.",
+    "Write your name on the form.", "Buy some apples at the market.", "Get your shoes on, Sam.",
+    "Remember to water the roses.", "Send me the address later.", "Pick a card, any card.",
+    "Slow down, the road is icy.", "Help your brother with his bike.", "Put the milk back in the fridge.",
+    "Let the cat in, it is raining.", "Save me a seat on the bus.", "Take an umbrella with you.",
+    "Peter, what time is the game?", "Where are you going, Emma?", "How was school today, honey?",
+    "Are you done with the car?", "Is anybody home?", "Who is at the door?",
+    "Why is the radio so loud?", "When does your train leave?", "Jack, have you seen my wallet?",
+    "Could you lend me a pen?", "Will you be home for dinner?", "Do we have any more tea?",
+    "The kettle is making a strange noise.", "Our flight was delayed by an hour.",
+    "The new neighbors seem very nice.", "I parked the car behind the house.",
+    "The library is closed on Mondays.", "He never answers his phone.", "The cake needs ten more minutes.",
+    "I found your scarf under the sofa.", "It is much colder than yesterday.",
+    "The game starts after the news.", "Someone is knocking on the window.", "My shoes are still wet.",
+    "The store was out of fresh bread.", "We got a letter from the bank.",
+    "The bathroom light keeps flickering.", "I think the milk has gone bad.",
 )
 
 # One read sentence per entity, templates taken in turn (heard by the ASR stages only).
