@@ -201,6 +201,20 @@ def test_voices_rates_and_variety(tmp_path):
     assert synth.wer(text, synth.recognize(resample(clips[-1][0], 24000, 16000), lm=lm)) <= 0.34
 
 
+def test_assistant_reads_answers_questions_and_entity_sentences():
+    w = make_world(0)
+    train = w.split("train")
+    lists = [s for s in w.read if s.startswith(world.WORD_LIST_PREFIX)]
+    assert lists and len(lists) < len(w.read)
+    texts = build.assistant_texts(train, w.read, extra=True)
+    assert len(texts) == len(set(texts))
+    by_kind = {k: {t for kind, t in texts if kind == k} for k in ("answer", "question", "read")}
+    assert by_kind["answer"] == {p.answer for p in train} and by_kind["question"] == {p.question for p in train}
+    assert by_kind["read"] == set(w.read) - set(lists) and "My aunt went to France last summer." in by_kind["read"]
+    assert not {t for _, t in texts} & {a.text for a in w.asides}  # nothing the assistant says
+    assert build.assistant_texts(train, w.read, extra=False) == [("answer", p.answer) for p in train]
+
+
 TINY = build.Sizes(train_questions=4, test_questions=2, train_asides=2, test_asides=1, read=2, user_voices=2,
                    dialogue_rounds=1, speech_out_extra=False, piper_users=False)
 

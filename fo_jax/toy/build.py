@@ -11,6 +11,7 @@
     manifests/dialogues_train.jsonl     {"turns": [{"audio", "text", "addressed", "answer", ...}]}
     manifests/dialogues_test.jsonl        speech-in 3 / state evaluation (answer "" if not addressed)
     manifests/speech_out.jsonl          {"audio", "text"}: assistant voice, codec + decoder stage 2
+                                          (answers, questions, entity sentences: assistant_texts)
     manifests/speech_out_answers.jsonl  {"audio", "text", "question"}: train answers, decoder stage 3
     manifests/test_qa.jsonl             {"audio", "text", "answer", "answer_audio", ...}: evaluation
     manifests/train_qa.jsonl            {"audio", "text", "answer", ...}: as many train questions, each in
@@ -45,7 +46,8 @@ from typing import Callable, Sequence, TypeVar
 from fo_jax.data.manifest import write_manifest
 from fo_jax.toy.synth import (ASSISTANT_RATE, ASSISTANT_VOICE, ESPEAK_USER_VOICES, USER_RATE, USER_VOICES, Voice,
                               clip_path, speech_end, synthesize_all, voices_for)
-from fo_jax.toy.world import CATEGORIES, Turn, chat, dialogues, make_world, normalize, text_records
+from fo_jax.toy.world import (CATEGORIES, QA, WORD_LIST_PREFIX, Turn, chat, dialogues, make_world, normalize,
+                              text_records)
 
 
 T = TypeVar("T")
@@ -61,7 +63,7 @@ class Sizes:
     read: int | None = None
     user_voices: int = 4        # voices per train utterance; test utterances get one
     dialogue_rounds: int = 2    # dialogues each train question appears in
-    speech_out_extra: bool = True  # assistant voice also reads questions, asides, read sentences
+    speech_out_extra: bool = True  # assistant voice also reads questions and entity sentences
     piper_users: bool = True    # False: user voices from espeak only (fast synthesis, for quick runs)
 
 
@@ -113,6 +115,19 @@ def _pick_read(read: Sequence[str], n: int | None, heard: Sequence[str], needed:
             missing -= set(normalize(s).split())
     rest = [s for s in order if s not in picked]
     return picked + rest[:max(0, n - len(picked))]
+
+
+def assistant_texts(train_qa: Sequence[QA], read: Sequence[str], extra: bool) -> list[tuple[str, str]]:
+    """(kind, text) the assistant voice reads for speech out (codec, decoder stage 2): the train
+    answers and, if ``extra``, the train questions and the entity sentences, so that the decoder
+    hears the words of answers (held-out entities too) in more contexts. Not the asides, nor the
+    word lists of their words: nothing the assistant says (they were ~18 % of its clips, long
+    ones, and cost ~40 s of a full run)."""
+    texts = [("answer", p.answer) for p in train_qa]
+    if extra:
+        texts += [("question", p.question) for p in train_qa]
+        texts += [("read", s) for s in read if not s.startswith(WORD_LIST_PREFIX)]
+    return list(dict.fromkeys(texts))
 
 
 class _Clips:
@@ -191,11 +206,8 @@ def build_world(workdir: str | os.PathLike, quick: bool = False, seed: int = 0, 
     asr_test = [(kind, text, v, path) for kind, text in
                 [("question", p.question) for p in test_qa] + [("aside", a.text) for a in test_asides]
                 for v, path in user(text, 1)]
-    out_texts = [("answer", p.answer) for p in train_qa]
-    if sizes.speech_out_extra:
-        out_texts += [("question", p.question) for p in train_qa] + [("aside", a.text) for a in train_asides]
-        out_texts += [("read", s) for s in read]
-    speech_out = [(kind, text, assistant(text)) for kind, text in dict.fromkeys(out_texts)]
+    speech_out = [(kind, text, assistant(text))
+                  for kind, text in assistant_texts(train_qa, read, sizes.speech_out_extra)]
     answers_test = {p.id: assistant(p.answer) for p in test_qa}
     train_dialogues = dialogues(train_qa, train_asides, seed, rounds=sizes.dialogue_rounds)
     test_dialogues = dialogues(test_qa, test_asides, seed + 1, rounds=1)

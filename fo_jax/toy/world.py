@@ -39,6 +39,7 @@ TEST_FRACTION = 0.15
 CATEGORIES = ("plus", "minus", "times", "capital", "color", "opposite", "counting")
 REPEAT_PREFIX = "Repeat after me: "
 TRANSCRIBE_PREFIX = "Transcribe: "
+WORD_LIST_PREFIX = "The words on the list are "  # read sentences that list the asides' other words
 
 _ONES = ("zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen "
          "fifteen sixteen seventeen eighteen nineteen").split()
@@ -294,7 +295,7 @@ def read_sentences() -> list[str]:
     rest = sorted({w for a in ASIDES for w in normalize(a).split()} - covered)
     for i in range(0, len(rest), 5):
         group = rest[i:i + 5]
-        out.append("The words on the list are " + (", ".join(group[:-1]) + " and " if len(group) > 1 else "")
+        out.append(WORD_LIST_PREFIX + (", ".join(group[:-1]) + " and " if len(group) > 1 else "")
                    + group[-1] + ".")
     return list(dict.fromkeys(out))
 
