@@ -306,8 +306,9 @@ def steps() -> list[Step]:
     return [
         # version 2: user clips end on a whole chunk >= 0.16 s after their speech (synth.end_on_chunk);
         # version 3: dialogues deal their asides from a deck (world.dialogues);
-        # version 4: 160 asides (was 100), more imperatives and questions meant for someone else.
-        Step("data", _data, _data_inputs, clean=False, version=4, title="synthesize speech, write manifests"),
+        # version 4: 160 asides (was 100), more imperatives and questions meant for someone else;
+        # version 5: the assistant voice reads no asides or word lists (build.assistant_texts).
+        Step("data", _data, _data_inputs, clean=False, version=5, title="synthesize speech, write manifests"),
         # version 2: kernels in torch layout (out, in) since main moved to it, which changes the fingerprint.
         Step("llm", _llm, _llm_inputs, after=("data",), version=2, title="train the text LLM, export, freeze"),
         Step("text_eval", _text_eval, after=("llm", "data"), title="text-QA accuracy of the frozen LLM"),

@@ -9,9 +9,9 @@ Content (all short English sentences, numbers spelled as words so TTS and recogn
   speech that speech-in stage 3 labels with state 2 ("heard, do not answer").
 - Read sentences: one templated sentence per named entity ("My aunt went to France last
   summer.") and word lists of the asides' other words. The ASR stages hear them (and the
-  assistant voice reads them for speech-out), the text LLM's Q&A never has them. They play the
-  part of a real ASR corpus, whose vocabulary covers the words of held-out questions and asides
-  without containing those sentences.
+  assistant voice reads the entity ones for speech-out), the text LLM's Q&A never has them. They
+  play the part of a real ASR corpus, whose vocabulary covers the words of held-out questions and
+  asides without containing those sentences.
 - Skill tasks for the text LLM: "Repeat after me: <s>" -> "<s>" and "Transcribe: <s>" -> "<s>".
   Speech-in stage 2 asks the frozen LLM to transcribe; there the audio embeddings stand where
   ``<s>`` stands in the text form (see ``TRANSCRIBE_PREFIX``).
