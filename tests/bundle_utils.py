@@ -161,5 +161,6 @@ def write_official_bundle(directory: Path, seed: int = 0, torch_files: bool = Tr
     save({"model": t(tensors["decoder"])}, model / "decoder/final.pt")
     (model / "codec/model.json").write_text(json.dumps(CODEC_JSON))
     save({sec: t(sd) for sec, sd in tensors["codec"].items()}, model / "codec/final.pt")
-    (model / "server.json").write_text(json.dumps(dataclasses.asdict(ServerSettings()), indent=4))
+    release = {k: v for k, v in dataclasses.asdict(ServerSettings()).items() if k not in ServerSettings.EXTENSIONS}
+    (model / "server.json").write_text(json.dumps(release, indent=4))
     return model, write_llm_dir(directory / "qwen2", seed)

@@ -12,6 +12,7 @@ import pytest
 from fo_jax.conversion.safetensors_io import read_safetensors, write_safetensors
 from fo_jax.errors import LoadError
 from fo_jax.inference import bundle as B
+from fo_jax.inference import text_segmentation as ts
 from fo_jax.inference.speech_decoder import TokenSampling
 from fo_jax.inference.vocoder_stream import VocoderStreamConfig
 from tests import bundle_utils as bu
@@ -55,6 +56,13 @@ def test_server_settings_are_the_release_streaming_defaults():
         B.ServerSettings.from_dict({"decoder_chunk": 30})
     with pytest.raises(LoadError, match=r"server.json: decoder_chunk_size must be an integer, got 2.5"):
         B.ServerSettings.from_dict({"decoder_chunk_size": 2.5})
+    # Our one extension: the release's file lacks it and splits at clause ends, as its server does.
+    assert s.segmentation() == ts.SERVER_POLICY
+    whole = B.ServerSettings.from_dict({"text_clause_splits": 0}).segmentation()
+    assert whole.clause_states is None and not whole.clauses_in_first_segment
+    assert whole.min_states == ts.SERVER_POLICY.min_states
+    with pytest.raises(LoadError, match=r"server.json: text_clause_splits must be 0 or 1, got 2"):
+        B.ServerSettings.from_dict({"text_clause_splits": 2})
 
 
 @pytest.mark.parametrize("damage,match", [

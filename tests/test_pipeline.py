@@ -224,6 +224,23 @@ def test_forced_answer_tokens_are_spoken_and_kept(engine):
     assert conv.context_length == start + len(conv.template.speak_ids) + len(ids) and conv.state == State.SL
 
 
+def test_the_bundle_decides_whether_clauses_split_the_reply(bundle, engine):
+    text = "Well then, Paris."  # 7 tokens of the test vocabulary: under the 8-token segment cap
+    ids = engine.tokenizer.encode(text, add_special_tokens=False)
+
+    def segments(eng):
+        conv = P.Conversation(eng, max_len=MAX_LEN)
+        conv.listen(_speech(0.48, 10), decide=False)
+        reply = conv.respond(force_tokens=ids)
+        reply.read()
+        return [s.text for s in reply.segments]
+
+    # The release's server: a clause end splits the first segment once it holds >= 4 hidden states.
+    assert segments(engine) == ["Well then,", " Paris."]
+    whole = dataclasses.replace(bundle, server=dataclasses.replace(bundle.server, text_clause_splits=0))
+    assert segments(P.Engine(whole, GREEDY)) == [text]
+
+
 def test_a_reply_in_progress_blocks_listening(engine):
     conv = P.Conversation(engine, max_len=MAX_LEN)
     conv.listen(_speech(0.5, 8), decide=False)

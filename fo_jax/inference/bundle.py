@@ -47,6 +47,7 @@ from fo_jax.conversion.official_audiollm_heads import HEADS_TABLE, convert_audio
 from fo_jax.conversion.official_codec import load_codec_config, load_official_codec
 from fo_jax.conversion.safetensors_io import read_safetensors, write_safetensors
 from fo_jax.errors import ConfigError, FoJaxError, LoadError
+from fo_jax.inference import text_segmentation as ts
 from fo_jax.inference.speech_decoder import TokenSampling
 from fo_jax.inference.vocoder_stream import VocoderStreamConfig
 from fo_jax.models import audio_llm, codec, speech_decoder
@@ -65,7 +66,15 @@ _HEADS = tuple(path.split("/")[0] for _, path, _ in HEADS_TABLE)  # AudioLLM ten
 
 @dataclasses.dataclass(frozen=True)
 class ServerSettings:
-    """The release's ``server.json``: speech-decoder sampling and streaming-vocoder settings."""
+    """The release's ``server.json``: speech-decoder sampling and streaming-vocoder settings.
+
+    One key is ours (``EXTENSIONS``; the release's file lacks it and gets its behaviour):
+    ``text_clause_splits`` 1 splits the reply at clause ends too (``, ，:``, in the first segment
+    and in long ones: the release's server); 0 splits at sentence ends only, for speech decoders
+    trained on whole sentences (the toy world's).
+    """
+
+    EXTENSIONS = ("text_clause_splits",)
 
     decoder_first_chunk_size: int = 20
     decoder_chunk_size: int = 40
@@ -76,6 +85,7 @@ class ServerSettings:
     decoder_N: int = 2401
     decoder_seg_threshold_first_pack: float = 0.1
     decoder_seg_threshold: float = 0.015
+    text_clause_splits: int = 1
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any], source: str = "server.json") -> "ServerSettings":
@@ -91,6 +101,8 @@ class ServerSettings:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or (want is int and value != int(value)):
                 raise LoadError(f"{source}: {key} must be {'an integer' if want is int else 'a number'}, got {value!r}")
             kw[key] = want(value)
+        if kw.get("text_clause_splits", 1) not in (0, 1):
+            raise LoadError(f"{source}: text_clause_splits must be 0 or 1, got {kw['text_clause_splits']}")
         return cls(**kw)
 
     @classmethod
@@ -115,6 +127,12 @@ class ServerSettings:
                                  self.decoder_penalty)
         except ValueError as e:
             raise ConfigError(str(e)) from None
+
+    def segmentation(self) -> ts.SegmentationPolicy:
+        """Where the reply's text is cut into speech-decoder segments (``text_clause_splits``)."""
+        if self.text_clause_splits:
+            return ts.SERVER_POLICY
+        return dataclasses.replace(ts.SERVER_POLICY, clause_states=None, clauses_in_first_segment=False)
 
 
 @dataclasses.dataclass

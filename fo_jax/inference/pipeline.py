@@ -11,8 +11,8 @@ conversation can run in ``warm_up`` (a fixed, bounded set: after it, nothing com
   conv.interrupt()                           # barge-in: stops at once, keeps what was spoken
 
 While a reply is iterated, each step samples one text token (``session.speak``); the text is cut
-into segments (``text_segmentation``, the release's server policy, plus a cut at
-``max_segment_tokens``); each segment's normalised text is re-tokenised and embedded (NAR input),
+into segments (``text_segmentation``, the release's server policy unless ``server.json`` says
+``text_clause_splits: 0``, plus a cut at ``max_segment_tokens``); each segment's normalised text is re-tokenised and embedded (NAR input),
 its tokens' LLM hidden states prefix the speech decoder, whose AR codec tokens go through the
 streaming vocoder (``vocoder_stream``) with the ``server.json`` settings. Everything runs in the
 caller's thread, one stage after the other, as the release's server does per user.
@@ -76,7 +76,7 @@ class EngineOptions:
       max_segment_tokens: a segment is cut after this many tokens even without punctuation (the
         release has no such cut; it bounds the speech decoder's shapes).
       max_speech_tokens: codec tokens per segment (None: the decoder's max_tokens, 1000).
-      segmentation: split rules (default: the release's server).
+      segmentation: split rules (None: the bundle's ``server.json``, ``ServerSettings.segmentation``).
     """
 
     sampling: SamplingConfig = SamplingConfig(temperature=0.7, top_k=5, top_p=0.8)
@@ -84,7 +84,7 @@ class EngineOptions:
     max_answer_tokens: int = 500
     max_segment_tokens: int = 64
     max_speech_tokens: int | None = None
-    segmentation: ts.SegmentationPolicy = ts.SERVER_POLICY
+    segmentation: ts.SegmentationPolicy | None = None
 
     def __post_init__(self):
         counts = (self.max_answer_tokens, self.max_segment_tokens, self.max_speech_tokens, self.decoder_top_k)
@@ -134,6 +134,7 @@ class Engine:
         self.embed_table = np.asarray(self.params["llm"]["embed_tokens"]["embedding"])
         self.vocoder = bundle.server.vocoder(cfg.codec)
         self.decoder_sampling = bundle.server.decoder_sampling(options.decoder_top_k)
+        self.segmentation = options.segmentation or bundle.server.segmentation()
         max_speech = cfg.decoder.max_tokens if options.max_speech_tokens is None else options.max_speech_tokens
         self.shapes = sd.SegmentShapes((options.max_segment_tokens + TEXT_MARGIN) * cfg.decoder.frames_per_vector,
                                        max_speech)
@@ -501,7 +502,7 @@ class Conversation:
                 if seg is None:  # the 'ss' step's token: held, its text is checked with the next one
                     seg = ts.start(0)
                     continue
-                seg, segment = ts.push(seg, reply._decode(), len(hiddens) - 1, e.options.segmentation)
+                seg, segment = ts.push(seg, reply._decode(), len(hiddens) - 1, e.segmentation)
                 if segment is None and len(seg.hidden_indices) >= e.options.max_segment_tokens:
                     seg, segment = ts.flush(seg)
                 if segment is not None:

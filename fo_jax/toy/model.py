@@ -5,6 +5,12 @@ Assembled from the stages' runs: the frozen LLM (HF directory, copied into ``llm
 tokenizer), speech-in 2 (encoder, adapter, task embeddings, CMVN), speech-in 3 (prompt embeddings,
 state head), speech-out 2 (pre-network and shared decoder), speech-out 3 (prefix stack) and the
 fast mel codec. Each part's config comes from the run that trained it.
+
+Its ``server.json`` settings are the release's, except that replies are cut into speech-decoder
+segments at sentence ends only (``text_clause_splits=0``): the toy's decoder trains on whole
+sentences. With the release's clause splits, "Four, five, six, seven, eight." reached it as
+"Four, five。" and " six, seven, eight.", pieces unlike anything it trained on; measured over one
+full run's model: counting answers recognized 0 -> 40 %, all speech out 37.3 -> 40.7 % (README).
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ import ml_collections
 
 from fo_jax.config import model_config
 from fo_jax.errors import LoadError
-from fo_jax.inference.bundle import save_bundle
+from fo_jax.inference.bundle import ServerSettings, save_bundle
 from fo_jax.models.configs import SpeechDecoderConfig
 from fo_jax.models.mel_codec import MelVQCodec
 from fo_jax.toy.speech_in import speech_llm
@@ -49,4 +55,5 @@ def write_bundle(out_dir: str | os.PathLike, llm_path: str | os.PathLike, runs: 
     codec = MelVQCodec.load(codec_dir)
     config = dataclasses.replace(model, decoder=decoder, codec=codec.config)
     return save_bundle(out_dir, config, {"audiollm": audio, "decoder": decoder_params,
-                                         "codec": {"codebook": codec.codebook}}, tokenizer=stage.llm.tokenizer)
+                                         "codec": {"codebook": codec.codebook}}, tokenizer=stage.llm.tokenizer,
+                       server=ServerSettings(text_clause_splits=0))

@@ -325,7 +325,8 @@ def steps() -> list[Step]:
                     "speech-out 2: pre-network + decoder on fast-codec tokens", version=2),
         _stage_step("speech_prefix", "configs/speech_out_stage3.py", _speech_prefix,
                     ("llm", "codec_fast", "speech_decoder"), "speech-out 3: prefix decoder on LLM hidden states"),
-        Step("model", _model, after=("llm", "codec_fast", *trained), title="the trained model as a bundle"),
+        # version 2: replies reach the speech decoder cut at sentence ends only (fo_jax.toy.model).
+        Step("model", _model, after=("llm", "codec_fast", *trained), version=2, title="the trained model as a bundle"),
         Step("speech_in_eval", _speech_in_eval, after=("model",), title="speech in -> text out (pipeline)"),
         Step("state_eval", _state_eval, after=("model",), title="state head on the test dialogues"),
         # version 2 (both): the reply's first packet keeps 0.1 s before its first loud sample;
