@@ -12,10 +12,11 @@ conversation can run in ``warm_up`` (a fixed, bounded set: after it, nothing com
 
 While a reply is iterated, each step samples one text token (``session.speak``); the text is cut
 into segments (``text_segmentation``, the release's server policy unless ``server.json`` says
-``text_clause_splits: 0``, plus a cut at ``max_segment_tokens``); each segment's normalised text is re-tokenised and embedded (NAR input),
-its tokens' LLM hidden states prefix the speech decoder, whose AR codec tokens go through the
-streaming vocoder (``vocoder_stream``) with the ``server.json`` settings. Everything runs in the
-caller's thread, one stage after the other, as the release's server does per user.
+``text_clause_splits: 0``, plus a cut at ``max_segment_tokens``); each segment's normalised text
+is re-tokenised and embedded (NAR input), its tokens' LLM hidden states prefix the speech
+decoder, whose AR codec tokens go through the streaming vocoder (``vocoder_stream``) with the
+``server.json`` settings. Everything runs in the caller's thread, one stage after the other, as
+the release's server does per user.
 
 Fixed shapes: speech-decoder segments use ``SegmentShapes`` buckets; vocoder windows are the
 release's full window sizes, and a segment's last (shorter) window is padded to the next of them
