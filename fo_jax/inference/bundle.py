@@ -130,9 +130,7 @@ class ServerSettings:
 
     def segmentation(self) -> ts.SegmentationPolicy:
         """Where the reply's text is cut into speech-decoder segments (``text_clause_splits``)."""
-        if self.text_clause_splits:
-            return ts.SERVER_POLICY
-        return dataclasses.replace(ts.SERVER_POLICY, clause_states=None, clauses_in_first_segment=False)
+        return ts.SERVER_POLICY if self.text_clause_splits else ts.SENTENCE_POLICY
 
 
 @dataclasses.dataclass

@@ -135,7 +135,8 @@ class Engine:
         self.embed_table = np.asarray(self.params["llm"]["embed_tokens"]["embedding"])
         self.vocoder = bundle.server.vocoder(cfg.codec)
         self.decoder_sampling = bundle.server.decoder_sampling(options.decoder_top_k)
-        self.segmentation = options.segmentation or bundle.server.segmentation()
+        self.segmentation = (bundle.server.segmentation() if options.segmentation is None
+                             else options.segmentation)
         max_speech = cfg.decoder.max_tokens if options.max_speech_tokens is None else options.max_speech_tokens
         self.shapes = sd.SegmentShapes((options.max_segment_tokens + TEXT_MARGIN) * cfg.decoder.frames_per_vector,
                                        max_speech)

@@ -52,6 +52,9 @@ class SegmentationPolicy:
 
 
 SERVER_POLICY = SegmentationPolicy()
+# The server's rules without clause splits: for speech decoders trained on whole sentences
+# (``server.json``'s ``text_clause_splits: 0``, our extension; the toy world's bundle).
+SENTENCE_POLICY = SegmentationPolicy(clause_states=None, clauses_in_first_segment=False)
 OFFLINE_POLICY = SegmentationPolicy(min_states=1, clause_states=None, clauses_in_first_segment=False,
                                     wait_for_complete_chars=False)
 
