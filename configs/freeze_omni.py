@@ -69,7 +69,7 @@ def get_config(variant: str = "freeze_omni") -> ml_collections.ConfigDict:
         # --quick keeps tiny's encoder (and LLM and decoder) to stay within its 10 minutes.
         cfg = get_config("tiny")
         cfg.model.encoder.update(hidden_size=128, num_layers=4, num_heads=4, ffn_size=512, subsampling_channels=32)
-        # LLM 128 wide instead of 64 (full world, the other steps' settings equal; README): text
+        # LLM 128 wide instead of 64 (full world, the other steps' settings equal; BENCHMARKS.md, toy world): text
         # 96.6 -> 100 %, speech in -> text out 28.8 -> 42.4 / 44.1 % in two runs (arithmetic from
         # speech embeddings mostly; spread ~5 points), state head 86.0 -> 90.7 %, speech out 28.8 ->
         # 37-39 %. The decoder reads each LLM vector as llm/decoder-width frames: 64 wide it read 2

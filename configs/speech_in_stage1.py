@@ -13,7 +13,7 @@ from fo_jax.config import TOY_SAVE_EVERY, load_config, stage_variant
 
 # The toy world's runs (``fo-jax toy`` / ``--quick``): the tiny model (the full run with
 # ``freeze_omni.py:toy``'s encoder), these many steps.
-# The full run's counts keep it within its 30 minutes (README, toy world: measured run times).
+# The full run's counts keep it within its 30 minutes (BENCHMARKS.md: toy world run time).
 # With 32-channel subsampling convs (freeze_omni.py:toy) a full-run step costs ~1/3 of the
 # release-width one: 2000 / 1500 / 900 steps for speech-in 1 / 2 / 3 take less time than
 # 900 / 1000 / 700 did (CTC WER 39 -> 33 %; more speech-in 3 steps overfit: 1400 steps, 28.8 -> 20.3 %).
@@ -63,7 +63,7 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
         # Word pieces instead of characters (full toy world, all else equal): CTC sentences exact
         # 35.1 -> 44.6 % (WER 32.6 % both: the errors gather on the entity words, each heard in 4
         # clips), 10 -> 2 utterances too short for their labels; speech in -> text 30.5 % (spread
-        # 28.8-33.9). The measured full run (README): 43.2 %, WER 31.6 %. --quick keeps
+        # 28.8-33.9). The measured full run (BENCHMARKS.md, toy world): 43.2 %, WER 31.6 %. --quick keeps
         # characters: its tiny encoder read WER 60.4 % on 256 pieces (43-51 % on characters).
         cfg.stage.ctc_units = 256
     return cfg

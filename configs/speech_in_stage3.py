@@ -78,7 +78,7 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
         # last chunk only, it learns a pause threshold at 160 ms and misses last chunks that end right
         # there (one run: 82.6 %, 8 of its 15 misses 160-170 ms after the speech); labelled from 100 ms
         # on, every last chunk lies >= 60 ms past what it learned: over that run's earlier stages 100 %,
-        # a fresh run 94.0 % (its misses: imperative asides answered). README (toy world) has the runs.
+        # a fresh run 94.0 % (its misses: imperative asides answered). BENCHMARKS.md (toy world) has the runs.
         cfg.stage.decision_pause = 0.1
         # The paper freezes encoder and adapter here; a toy LLM does not generalize from stage 2's
         # transcription task to answering, so they train on the answers too (the LLM stays
@@ -90,7 +90,7 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
         # world, same earlier stages): speech in -> text out 18.6 % at 400 streaming steps, 27.1 % at
         # 800 (574 s), 23.7 % at 800 this way (268 s); state head 89.5 / 86.0 %. With the toy's
         # 32-channel convs (same earlier stages): 900 steps 28.8 %, 1400 steps 20.3 %, 900 at lr 1e-3
-        # 18.6 %: the full preset stays at 900 steps and lr 3e-3. With the 128-wide LLM (README):
+        # 18.6 %: the full preset stays at 900 steps and lr 3e-3. With the 128-wide LLM (BENCHMARKS.md, toy world):
         # prompts + state head only 5.1 %, encoder frozen (adapter trained) 40.7 %, this 44.1 %
         # (1200 steps: 39.0 %). With the LLM reading stretched input (text_llm.py): prompts + state
         # head only 39.0 %; encoder frozen 49.2 / 54.2 % on two worlds against this 50.8 / 49.2 %,

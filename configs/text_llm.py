@@ -59,17 +59,19 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
         if variant == "toy":
             # A real instruct LLM reads approximate inputs (typos, paraphrase); a toy one trained on
             # exact tokens only does not, and the speech embeddings it is later given only lie near its
-            # token embeddings. Measured (full world, the same data and speech-in 1; README): text 100 ->
-            # 98.3 %, speech in -> text out 42.4 -> 47.5 % (train questions 55.9 -> 62.7 %), stage-2
-            # transcript WER 34.1 -> 32.8 %, state head 87.2 -> 86.0 %, speech out 39.0 -> 44.1 %; on a
-            # fresh synthesis 47.5 % again (without: 44.1 / 37.3 / 42.4 % on three). 1.0: text 72.9 %.
+            # token embeddings. Measured (full world, the same data and speech-in 1; BENCHMARKS.md,
+            # toy world): text 100 -> 98.3 %, speech in -> text out 42.4 -> 47.5 % (train questions
+            # 55.9 -> 62.7 %), stage-2 transcript WER 34.1 -> 32.8 %, state head 87.2 -> 86.0 %, speech
+            # out 39.0 -> 44.1 %; on a fresh synthesis 47.5 % again (without: 44.1 / 37.3 / 42.4 % on
+            # three). 1.0: text 72.9 %.
             cfg.stage.embed_noise = 0.5
             # Speech gives the LLM ~3 embeddings per word piece; a toy LLM trained on one token per
             # piece could not read a question whose tokens stand 2-3x (QA 98 -> 46 / 34 %, repeating
             # a sentence 100 -> 29 / 5 %), Qwen2-7B-Instruct can. Stretching half the user turns
             # (each token 1-4x) teaches it: 95-98 % / 100 % at 1-3x. Measured over the same data
-            # (README): speech in -> text out 47.5 -> 55.9 %, state head 83.7 -> 90.7 %, text 94.9 %
-            # at 800 steps (0.25, max 3, 1000 steps, another seed: 94.9 % too), 96.6 % at 1200.
+            # (BENCHMARKS.md, toy world): speech in -> text out 47.5 -> 55.9 %, state head 83.7 ->
+            # 90.7 %, text 94.9 % at 800 steps (0.25, max 3, 1000 steps, another seed: 94.9 % too),
+            # 96.6 % at 1200.
             cfg.stage.update(stretch_prob=0.5, stretch_max=4)
         cfg.stage.steps = 1200 if variant == "toy" else 600
         cfg.optimizer.lr = 3e-3 if variant == "toy" else 6e-3

@@ -10,7 +10,7 @@ Its ``server.json`` settings are the release's, except that replies are cut into
 segments at sentence ends only (``text_clause_splits=0``): the toy's decoder trains on whole
 sentences. With the release's clause splits, "Four, five, six, seven, eight." reached it as
 "Four, five。" and " six, seven, eight.", pieces unlike anything it trained on; measured over one
-full run's model: counting answers recognized 0 -> 40 %, all speech out 37.3 -> 40.7 % (README).
+full run's model: counting answers recognized 0 -> 40 %, all speech out 37.3 -> 40.7 % (BENCHMARKS.md, toy world).
 """
 
 from __future__ import annotations

@@ -41,7 +41,7 @@ FAST_CODEC_ITERS = {False: 20, True: 10}  # k-means iterations: full, quick
 FAST_CODEC_MAX_VECTORS = 60_000  # k-means sample (the full world's assistant clips have ~75k)
 BUDGET_S = {False: 30 * 60, True: 10 * 60}  # the run-time targets on 2 CPU cores
 TICODEC_CONFIG = "configs/speech_out_stage1.py:tiny"
-# GAN steps (full, quick): it does not get intelligible in CPU minutes either way (README), so the
+# GAN steps (full, quick): it does not get intelligible in CPU minutes either way (BENCHMARKS.md, toy world), so the
 # quick run only shows it trains and is measured.
 TICODEC_OVERRIDES = {False: ("stage.steps=20",), True: ("stage.steps=4", "stage.log_every=2")}
 TALK_QUESTIONS = {False: 20, True: None}  # duplex conversations (None: every test question)
