@@ -193,7 +193,7 @@ def test_stretching_trains_through_the_stage_resumes_exactly_and_bad_values_are_
                   tmp_path / "plain", progress=False)
     assert all(np.isfinite(_losses(tmp_path / "a"))) and _losses(tmp_path / "a") != _losses(tmp_path / "plain")
     toy, quick = load_config("configs/text_llm.py:toy").stage, load_config("configs/text_llm.py:toy_quick").stage
-    assert (toy.stretch_prob, toy.stretch_max) == (0.5, 4) and quick.stretch_prob == 0.0
+    assert (toy.stretch_prob, toy.stretch_max) == (0.5, 4) and (quick.stretch_prob, quick.stretch_max) == (0.25, 3)
     for bad in (["stage.stretch_prob=1.5"], ["stage.stretch_max=0"]):
         with pytest.raises(ConfigError, match=r"need 0 <= stretch_prob <= 1 and stretch_max >= 1"):
             trainer.train(load_config("configs/text_llm.py:tiny", _overrides(corpus, 1) + bad), tmp_path / "bad",
