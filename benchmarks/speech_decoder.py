@@ -183,7 +183,7 @@ def main() -> None:
     else:
         import flax.linen as nn
 
-        params32 = jax.tree.map(np.asarray, nn.unbox(init_params(base, jax.random.key(0))))
+        params32 = jax.tree.map(np.array, nn.unbox(init_params(base, jax.random.key(0))))  # writable copies
         params32["out_fnn"]["bias"][base.end_id] = -1e4
     rng = np.random.default_rng(0)
     inputs = {f: ((0.02 * rng.standard_normal((f, base.hidden_size))).astype(np.float32),
