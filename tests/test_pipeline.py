@@ -87,6 +87,27 @@ def test_a_turn_feeds_the_decoder_and_vocoder_as_the_release(engine, monkeypatch
     assert all(s > 0 for s in stages) and lat["total"] == pytest.approx(sum(stages))
 
 
+def test_full_vocoder_windows_decode_only_the_kept_audio(engine, monkeypatch):
+    # The release's server.json: a segment's windows are 30 (0, 10), 40 (10, 10) while no packet has
+    # left, 50 (0, 10), 60 (10, 10) afterwards; tails (trim (left, 0)) are padded and decoded whole.
+    assert engine.window_trims == {(30, (0, 10)), (40, (10, 10)), (50, (0, 10)), (60, (10, 10))}
+    spt = engine.cfg.codec.samples_per_token
+    tokens = np.random.default_rng(0).integers(0, engine.cfg.codec.n_codes, 60).astype(np.int32)
+    trims = []
+    real = P.decode_chunk
+    monkeypatch.setattr(P, "decode_chunk", lambda *a, **k: trims.append((a[1].shape[1], k["trim"])) or real(*a, **k))
+    for size, (left, right) in sorted(engine.window_trims):
+        whole = engine.decode_window(tokens[:size])
+        kept = engine.decode_window(tokens[:size], (left, right))
+        assert trims[-2:] == [(size, (0, 0)), (size, (left, right))]
+        assert kept.shape == ((size - left - right) * spt,)
+        np.testing.assert_allclose(kept, whole[left * spt:(size - right) * spt], atol=1e-5)
+    tail = engine.decode_window(tokens[:25], (10, 0))  # padded to 30 with token 24 repeated
+    assert trims[-1] == (30, (0, 0)) and tail.shape == (15 * spt,)
+    padded = np.concatenate([tokens[:25], np.full(5, tokens[24], np.int32)])
+    np.testing.assert_array_equal(tail, engine.decode_window(padded)[10 * spt:25 * spt])
+
+
 def test_greedy_turns_are_deterministic_and_the_cache_carries_over(engine):
     runs = []
     for _ in range(2):
@@ -174,12 +195,12 @@ def test_interrupt_from_another_thread_and_before_the_first_step(engine, monkeyp
     reply = conv.respond()
     inside, errors, real = threading.Event(), [], engine.decode_window
 
-    def window(tokens):  # the 2nd vocoder window waits inside the player's step for interrupt()
+    def window(tokens, trim):  # the 2nd vocoder window waits inside the player's step for interrupt()
         if inside.is_set() is False and reply.packets >= 1:
             inside.set()
             while not reply._stop:
                 time.sleep(0.001)
-        return real(tokens)
+        return real(tokens, trim)
 
     monkeypatch.setattr(engine, "decode_window", window)
 

@@ -35,17 +35,17 @@ def make_tokens(spec):
 
 
 class RecordingDecoder:
-    def __init__(self, wave_fn=None):
-        self.calls = []
-        self.wave_fn = wave_fn
+    """A ``DecodeWindowFn``: records each window and trim, returns the kept tokens' waves only."""
 
-    def __call__(self, window):
+    def __init__(self):
+        self.calls, self.trims = [], []
+
+    def __call__(self, window, trim):
         window = np.asarray(window)
         assert window.dtype == np.int32 and window.ndim == 1
         self.calls.append(window.tolist())
-        if self.wave_fn is not None:
-            return self.wave_fn(window)
-        return np.concatenate([token_wave(t) for t in window])
+        self.trims.append(trim)
+        return np.concatenate([token_wave(t) for t in window[trim[0]:len(window) - trim[1]]])
 
 
 # The release's server exactly (its first-packet trim keeps nothing before the first loud sample).
@@ -70,6 +70,7 @@ def test_server_first_segment_split_points_by_hand():
     packets = list(vs.stream_vocode(tokens, dec, SERVER))
     assert [c[0] // 16 for c in dec.calls] == [0, 10, 30, 50]
     assert [len(c) for c in dec.calls] == [30, 40, 40, 25]
+    assert dec.trims == [(0, 10), (10, 10), (10, 10), (10, 0)]  # only the kept tokens are decoded
     for call in dec.calls:
         assert call == tokens[call[0] // 16: call[0] // 16 + len(call)]
     wave = expected_wave(tokens)
@@ -277,7 +278,7 @@ def test_matches_release_loop_with_context_dependent_codec(offline):
     tokens = list(range(len(kinds)))
     cfg = vs.VocoderStreamConfig.offline() if offline else SERVER
     calls = []
-    got = list(vs.stream_vocode(tokens, lambda w: calls.append(len(w)) or codec(w), cfg))
+    got = list(vs.stream_vocode(tokens, vs.slicing(lambda w: calls.append(len(w)) or codec(w)), cfg))
     want = reference_release(tokens, codec, 40 if offline else 20, 10, 2401,
                              0.01 if offline else 0.1, trim=not offline)
     assert len(got) == len(want)
@@ -294,15 +295,24 @@ def test_errors():
         vs.VocoderStreamConfig(overlap_size=0)
     with pytest.raises(ConfigError, match="window_n"):
         vs.VocoderStreamConfig(first_chunk_size=4)
-    with pytest.raises(ValueError, match="600 per token"):
-        list(vs.stream_vocode(range(3), lambda w: np.zeros(10)))
+    with pytest.raises(ValueError, match=r"10 samples for 3 kept tokens .* expected 600 per token"):
+        list(vs.stream_vocode(range(3), lambda w, trim: np.zeros(10)))
+    with pytest.raises(ValueError, match=r"for 20 kept tokens \(a 30-token window, trim \(0, 10\)\)"):
+        list(vs.stream_vocode(range(30), lambda w, trim: np.zeros(600 * len(w))))  # ignores the trim
+
+
+def test_slicing_adapts_a_whole_window_decoder():
+    window = np.asarray(make_tokens([("L", 4), ("Q", 3), ("Z", 3)]), np.int32)
+    whole = lambda w: expected_wave(w)[None]  # noqa: E731 - (1, 600 T), as a batched codec returns
+    np.testing.assert_array_equal(vs.slicing(whole)(window, (2, 3)), expected_wave(window[2:7]))
+    np.testing.assert_array_equal(vs.slicing(whole)(window, (0, 0)), expected_wave(window))
 
 
 def test_decoder_may_return_a_batched_jax_array():
     import jax.numpy as jnp
 
     tokens = make_tokens(MAIN_SPEC)
-    batched = list(vs.stream_vocode(tokens, lambda w: jnp.asarray(RecordingDecoder()(w))[None]))
+    batched = list(vs.stream_vocode(tokens, lambda w, trim: jnp.asarray(RecordingDecoder()(w, trim))[None]))
     plain = list(vs.stream_vocode(tokens, RecordingDecoder()))
     assert len(batched) == len(plain)
     for a, b in zip(batched, plain):

@@ -19,8 +19,8 @@ decoder, whose AR codec tokens go through the streaming vocoder (``vocoder_strea
 the release's server does per user.
 
 Fixed shapes: speech-decoder segments use ``SegmentShapes`` buckets; vocoder windows are the
-release's full window sizes, and a segment's last (shorter) window is padded to the next of them
-with its last token repeated, then cut (the release decodes that tail unpadded, so its last
+release's full window sizes (decoded trimmed to the audio the stream keeps), and a segment's last
+(shorter) window is padded to the next of them with its last token repeated, then cut (the release decodes that tail unpadded, so its last
 ~10 tokens of audio differ slightly; the alternative is a program per tail length). Speech-decoder
 ids that are not codec codes (the specials; only untrained models emit them) are skipped.
 
@@ -140,9 +140,12 @@ class Engine:
         max_speech = cfg.decoder.max_tokens if options.max_speech_tokens is None else options.max_speech_tokens
         self.shapes = sd.SegmentShapes((options.max_segment_tokens + TEXT_MARGIN) * cfg.decoder.frames_per_vector,
                                        max_speech)
-        v = self.vocoder
-        self.windows = tuple(sorted({v.first_chunk_size + v.overlap_size, v.first_chunk_size + 2 * v.overlap_size,
-                                     v.chunk_size + v.overlap_size, v.chunk_size + 2 * v.overlap_size}))
+        # The vocoder's full windows (size, trim): a segment's first, (0, lookahead), then the rest,
+        # (left context, lookahead); the codec computes only the kept tokens' audio of those.
+        v, pad = self.vocoder, self.vocoder.overlap_size
+        self.window_trims = frozenset((left + chunk + pad, (left, pad))
+                                      for chunk in (v.first_chunk_size, v.chunk_size) for left in (0, pad))
+        self.windows = tuple(sorted({size for size, _ in self.window_trims}))
         if isinstance(cfg.codec, MelVQConfig):  # the toy's fast codec: numpy Griffin-Lim, nothing to compile
             self.mel_codec = MelVQCodec(cfg.codec, np.asarray(bundle.params["codec"]["codebook"]))
         else:
@@ -158,15 +161,27 @@ class Engine:
             self._systems[role] = template, S.prefill_system(self.params, template, self.cfg)
         return self._systems[role]
 
-    def decode_window(self, tokens: np.ndarray) -> np.ndarray:
-        """(T,) codec tokens -> (600 T,) float32 samples, T padded up to a window size (last token repeated)."""
-        t = len(tokens)
-        size = next((w for w in self.windows if w >= t), t)
-        padded = np.concatenate([tokens, np.full(size - t, tokens[-1], np.int32)]).astype(np.int32)
-        if self.mel_codec is not None:
-            return self.mel_codec.decode(padded)[:t * self.cfg.codec.samples_per_token]
-        out = decode_chunk(self.codec_params, jnp.asarray(padded[None]), self.global_tokens, config=self.cfg.codec)
-        return np.asarray(out)[0, :t * self.cfg.codec.samples_per_token]
+    def decode_window(self, tokens: np.ndarray, trim: tuple[int, int] = (0, 0)) -> np.ndarray:
+        """(T,) codec tokens, (left, right) -> (600 (T - left - right),) float32 samples of tokens
+        ``left .. T - right`` (a ``vocoder_stream.DecodeWindowFn``).
+
+        A full window (``window_trims``) is decoded trimmed: TiCodec computes only the kept audio
+        plus its receptive field. Any other (a segment's tail) is padded up to a window size with
+        its last token repeated and decoded whole, then cut: one program per window size.
+        """
+        t, (left, right) = len(tokens), trim
+        spt = self.cfg.codec.samples_per_token
+        if (t, trim) in self.window_trims:
+            padded, done = np.asarray(tokens, np.int32), trim
+        else:
+            size = next((w for w in self.windows if w >= t), t)
+            padded, done = np.concatenate([tokens, np.full(size - t, tokens[-1], np.int32)]).astype(np.int32), (0, 0)
+        if self.mel_codec is not None:  # numpy: decodes the window whole
+            samples, done = self.mel_codec.decode(padded), (0, 0)
+        else:
+            samples = np.asarray(decode_chunk(self.codec_params, jnp.asarray(padded[None]), self.global_tokens,
+                                              config=self.cfg.codec, trim=done))[0]
+        return samples[(left - done[0]) * spt:(t - right - done[0]) * spt]
 
     def warm_up(self, max_len: int, system_role: str | None = DEFAULT_ROLE) -> int:
         """Compiles every program a conversation with these settings can run; returns how many.
@@ -212,8 +227,10 @@ class Engine:
         if self.shapes.full_len > self.shapes.first_len:
             state, _ = step(sd.grow(state, max_len=self.shapes.full_len))
         jax.block_until_ready(state)
-        for w in self.windows:
-            self.decode_window(np.zeros(w, np.int32))
+        for size, trim in self.window_trims:
+            self.decode_window(np.zeros(size, np.int32), trim)
+        for size in self.windows:  # tails, padded to a window size
+            self.decode_window(np.zeros(size, np.int32), (0, 0))
         jax.block_until_ready(sess)
         self.warm_up_compiles[key] = self.compiles.count - before
         return self.warm_up_compiles[key]
@@ -534,9 +551,9 @@ class Conversation:
             jax.block_until_ready(state.cache)
             reply._mark("decoder_prefill")
 
-            def window(tokens: np.ndarray) -> np.ndarray:
+            def window(tokens: np.ndarray, trim: tuple[int, int]) -> np.ndarray:
                 reply._mark("first_speech_chunk")
-                return e.decode_window(tokens)
+                return e.decode_window(tokens, trim)
 
             stream = start_segment(e.vocoder, reply.packets)  # first-packet settings until one left
             for token in sd.decode_tokens(e.decoder_params, d, state, max_tokens=self._speech_cap,

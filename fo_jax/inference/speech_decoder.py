@@ -317,7 +317,7 @@ def decode_tokens(params: dict, cfg: SpeechDecoderConfig, state: DecoderState, *
             state = grow(state, max_len=size)
         state, token = decode_step(params, state, cfg=cfg, sampling=sampling)
         filled += 1
-        token = int(token[0])
+        token = int(np.asarray(token)[0])  # a host read: indexing the device array would dispatch an op
         if token == cfg.end_id:
             return
         yield token

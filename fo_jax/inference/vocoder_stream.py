@@ -17,12 +17,15 @@ segment uses the first-packet chunk (20) and threshold (0.1), later segments 40 
 very first packet of the reply loses its leading silence (up to the first |x| > 0.03), here
 but for the last ``trim_keep_s`` before that sample (see ``VocoderStreamConfig``).
 
-The decode function is injected: ``decode_window_fn(tokens_t) -> samples`` with ``tokens_t`` a
-(T,) int32 window and ``samples`` 600 * T floats at 24 kHz (any shape, e.g. (1, 600 T)); with the
-codec: ``lambda w: decode_chunk(params, w[None], inference_global_tokens(cfg), config=cfg)``.
-Full windows have fixed sizes (server: 30 then 40 tokens in the reply's first segment, 50 then 60
-later); only a segment's last call has a variable T (1 .. 59), as in the release, which decodes the
-tail unpadded (padding it would change its last samples: the codec is not causal).
+The decode function is injected: ``decode_window_fn(tokens_t, (left, right)) -> samples`` with
+``tokens_t`` a (T,) int32 window and ``samples`` the audio of its tokens ``left .. T - right``:
+600 * (T - left - right) floats at 24 kHz (any shape, e.g. (1, n)). The stream only keeps those
+(the rest is context and lookahead), so a codec may skip the rest of the work: TiCodec's
+``decode_chunk(..., trim=(left, right))`` does (``Engine.decode_window``). A decoder of whole
+windows fits through :func:`slicing`. Full windows have fixed sizes and trims (server: 30 tokens
+(0, 10), then 40 (10, 10) in the reply's first segment; 50 (0, 10), then 60 (10, 10) later); only a
+segment's last call has a variable T (1 .. 59) and trim (left, 0), as in the release, which
+decodes the tail unpadded (padding it would change its last samples: the codec is not causal).
 """
 
 from __future__ import annotations
@@ -34,7 +37,17 @@ import numpy as np
 
 from fo_jax.errors import ConfigError
 
-DecodeWindowFn = Callable[[np.ndarray], np.ndarray]
+DecodeWindowFn = Callable[[np.ndarray, tuple[int, int]], np.ndarray]
+
+
+def slicing(decode_all: Callable[[np.ndarray], np.ndarray], samples_per_token: int = 600) -> DecodeWindowFn:
+    """A ``DecodeWindowFn`` from a decoder of whole windows ((T,) -> 600 T samples): decodes, then cuts."""
+
+    def decode(tokens: np.ndarray, trim: tuple[int, int]) -> np.ndarray:
+        samples = np.asarray(decode_all(tokens)).reshape(-1)
+        return samples[trim[0] * samples_per_token:samples.shape[0] - trim[1] * samples_per_token]
+
+    return decode
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,11 +169,14 @@ def start_segment(config: VocoderStreamConfig, packets_emitted: int) -> SegmentS
         threshold=config.seg_threshold_first_packet if first else config.seg_threshold)
 
 
-def _decode(decode_window_fn: DecodeWindowFn, tokens: np.ndarray, config: VocoderStreamConfig) -> np.ndarray:
-    samples = np.asarray(decode_window_fn(tokens), np.float32).reshape(-1)
-    if samples.shape[0] != tokens.shape[0] * config.samples_per_token:
-        raise ValueError(f"decode_window_fn returned {samples.shape[0]} samples for {tokens.shape[0]} "
-                         f"tokens; expected {config.samples_per_token} per token")
+def _decode(decode_window_fn: DecodeWindowFn, tokens: np.ndarray, trim: tuple[int, int],
+            config: VocoderStreamConfig) -> np.ndarray:
+    samples = np.asarray(decode_window_fn(tokens, trim), np.float32).reshape(-1)
+    kept = tokens.shape[0] - trim[0] - trim[1]
+    if samples.shape[0] != kept * config.samples_per_token:
+        raise ValueError(f"decode_window_fn returned {samples.shape[0]} samples for {kept} kept tokens "
+                         f"(a {tokens.shape[0]}-token window, trim {trim}); expected {config.samples_per_token} "
+                         "per token")
     return samples
 
 
@@ -174,7 +190,7 @@ def push_tokens(state: SegmentStreamState, tokens: Iterable[int] | np.ndarray, d
     """
     new = np.asarray(list(tokens) if not isinstance(tokens, np.ndarray) else tokens, np.int32).reshape(-1)
     held, left, buffer = state.tokens, state.left, state.buffer
-    pad, spt = config.overlap_size, config.samples_per_token
+    pad = config.overlap_size
     packets = []
     while new.size:
         window = left + state.chunk_size + pad
@@ -182,7 +198,7 @@ def push_tokens(state: SegmentStreamState, tokens: Iterable[int] | np.ndarray, d
         held, new = np.concatenate([held, new[:take]]), new[take:]
         if held.shape[0] < window:
             break
-        piece = _decode(decode_window_fn, held, config)[left * spt: -pad * spt]
+        piece = _decode(decode_window_fn, held, (left, pad), config)
         left, held = pad, held[-2 * pad:]
         cut = quiet_split(piece, config.window_n, state.threshold)
         if cut is None:
@@ -198,7 +214,7 @@ def finish_segment(state: SegmentStreamState, decode_window_fn: DecodeWindowFn,
     """The segment's last packet: buffer + the held tokens' audio past the left context (None if no token)."""
     if state.tokens.shape[0] == 0:
         return None
-    tail = _decode(decode_window_fn, state.tokens, config)[state.left * config.samples_per_token:]
+    tail = _decode(decode_window_fn, state.tokens, (state.left, 0), config)
     return np.concatenate([state.buffer, tail])
 
 
@@ -209,7 +225,7 @@ def stream_vocode(tokens_iterable: Iterable[int | Iterable[int]], decode_window_
 
     Args:
       tokens_iterable: speech tokens, one int or a batch of ints per item (e.g. per decode step).
-      decode_window_fn: (T,) int32 -> (600 T,) float samples.
+      decode_window_fn: ((T,) int32 window, (left, right)) -> 600 (T - left - right) float samples.
       config: streaming settings.
       packets_emitted: packets this reply already emitted (0: first-packet settings and trim).
     """
