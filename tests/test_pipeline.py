@@ -185,7 +185,7 @@ def test_interrupt_keeps_the_spoken_text_and_the_next_turn_works(engine):
     assert engine.compiles.names_since(compiled) == []  # forced text, interruption: nothing new
     n = ref.context_length
     assert conv.context_length == n
-    np.testing.assert_allclose(np.asarray(conv.session.cache.k)[:, :, :n], np.asarray(ref.session.cache.k)[:, :, :n],
+    np.testing.assert_allclose(np.asarray(conv.session.cache.k)[:, :, :, :n], np.asarray(ref.session.cache.k)[:, :, :, :n],
                                atol=1e-5)
 
 

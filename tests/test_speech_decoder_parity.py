@@ -150,12 +150,14 @@ def test_block_with_kv_prefix_matches_llama_decoder_layer(torch_decoder):
     with torch.no_grad():
         ref = torch_decoder.stack([layer], torch.tensor(x), torch.tensor(mask), cache).numpy()
     ours_cache = KVCache.zeros(1, b, p + t, k, h)
-    ours_cache = ours_cache.replace(k=ours_cache.k.at[0, :, :p].set(pk), v=ours_cache.v.at[0, :, :p].set(pv),
+    # the cache layouts: keys (B, K, S, H), values (B, K, H, S)
+    ours_cache = ours_cache.replace(k=ours_cache.k.at[0, :, :, :p].set(pk.transpose(0, 2, 1, 3)),
+                                    v=ours_cache.v.at[0, ..., :p].set(pv.transpose(0, 2, 3, 1)),
                                     lengths=jnp.full((b,), p, jnp.int32))
     ours, ours_cache = _apply_block(torch_decoder.params()["layers_0"], jnp.asarray(x), jnp.asarray(mask),
                                     ours_cache)
     assert np.abs(np.asarray(ours) - ref).max() <= 1e-5
-    ref_k = cache.layers[0].keys.transpose(1, 2).numpy()  # (B, P + T, K, H), rotated
+    ref_k = cache.layers[0].keys.numpy()  # (B, K, P + T, H), rotated
     assert np.abs(np.asarray(ours_cache.k[0]) - ref_k).max() <= 1e-5
 
 

@@ -30,7 +30,7 @@ def round_up(n: int, multiple: int) -> int:
 
 
 def init_cache(cfg: LLMConfig, batch: int, max_len: int) -> KVCache:
-    """An empty (L, B, S, K, H) cache in the compute dtype."""
+    """An empty ``KVCache`` in the compute dtype."""
     return KVCache.zeros(cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim, to_dtype(cfg.dtype))
 
 

@@ -3,7 +3,7 @@
 A ``Session`` holds everything one user's conversation needs between calls (encoder buffers and
 positional index, adapter cache, fbank overlap frames, LLM KV cache, dialogue state, last token).
 Every field carries the user axis, so many users' sessions stack into one pytree and step together
-(``stack_sessions`` / ``take_rows`` / ``put_rows``); the KV cache keeps its (L, B, S, K, H) layout,
+(``stack_sessions`` / ``take_rows`` / ``put_rows``); the KV cache keeps its layer-first layouts,
 so its user axis is axis 1 (``batch_axes``).
 
 Steps have fixed shapes and donate the session, so a stream never recompiles after warm-up:
@@ -53,7 +53,7 @@ class Session:
     Attributes:
       speech: encoder + adapter streaming state of the current turn (user axis 0).
       fbank_overlap: (B, 3, F) the last fbank frames of the previous chunk (encoder conv context).
-      cache: LLM KVCache (L, B, S, K, H) with lengths (B,).
+      cache: LLM KVCache, lengths (B,).
       turn_start: (B,) int32, cache length when the current user turn started (EL drops the turn).
       state: (B,) int32 ``dialogue.State``.
       last_token: (B,) int32, the last sampled token (fed by the next CS step).
@@ -102,7 +102,7 @@ def put_rows(session: Session, rows: Sequence[int] | jax.Array, values: Session)
 
 
 def prefill_system(params: dict, template: ChatTemplate, cfg: ModelConfig) -> KVCache:
-    """The system-role prefix in a (L, 1, S, K, H) cache: prefilled once, copied into sessions.
+    """The system-role prefix in a one-row cache: prefilled once, copied into sessions.
 
     Matches the official 'pre' step: the role ids without <|im_end|> (the first listen prefix
     closes the system turn).
@@ -125,11 +125,11 @@ def new_session(system_cache: KVCache, *, cfg: ModelConfig, batch: int, max_len:
         raise ValueError(f"max_len {max_len} is shorter than the system cache ({system_cache.max_len})")
     cache = init_cache(cfg.llm, batch, max_len)
     n = system_cache.max_len
-    k = jnp.broadcast_to(system_cache.k, system_cache.k.shape[:1] + (batch,) + system_cache.k.shape[2:])
-    v = jnp.broadcast_to(system_cache.v, k.shape)
+    rows = lambda a: jnp.broadcast_to(a, a.shape[:1] + (batch,) + a.shape[2:])  # noqa: E731
+    k, v = rows(system_cache.k), rows(system_cache.v)
     lengths = jnp.broadcast_to(system_cache.lengths, (batch,)).astype(jnp.int32)
-    cache = KVCache(k=cache.k.at[:, :, :n].set(k.astype(cache.k.dtype)),
-                    v=cache.v.at[:, :, :n].set(v.astype(cache.v.dtype)), lengths=lengths)
+    cache = KVCache(k=cache.k.at[:, :, :, :n].set(k.astype(cache.k.dtype)),
+                    v=cache.v.at[..., :n].set(v.astype(cache.v.dtype)), lengths=lengths)
     return Session(
         speech=SpeechInputState.zeros(cfg.encoder, cfg.adapter, batch),
         fbank_overlap=jnp.zeros((batch, FBANK_OVERLAP, cfg.encoder.input_dim), jnp.float32),

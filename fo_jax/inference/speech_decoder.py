@@ -120,7 +120,7 @@ class DecoderState:
     """What one AR step carries (all rows of a batch decode in lockstep).
 
     Attributes:
-      cache: KVCache (L, B, S, K, H) holding prefix, context and fed tokens.
+      cache: KVCache holding prefix, context and fed tokens.
       prefix_lens: (B,) int32 cache slots held by the prefix (AR positions = lengths - prefix_lens).
       token: (B,) int32 next token to feed (sequence-start first, then the last sampled one).
       window: (B, W) int32 ring buffer of the last W tokens (-1: empty) for the repetition penalty.
@@ -139,7 +139,7 @@ class DecoderState:
 
 
 def init_cache(cfg: SpeechDecoderConfig, batch: int, max_len: int) -> KVCache:
-    """An empty (L, B, S, K, H) cache in the compute dtype."""
+    """An empty ``KVCache`` in the compute dtype."""
     return KVCache.zeros(cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim, to_dtype(cfg.dtype))
 
 
@@ -186,7 +186,7 @@ def prefill(params: dict, text_bnd: jax.Array, text_lens_b: jax.Array, prefix_bp
       prefix_bpd: (B, P, D) LLM hidden-state frames, valid up to ``prefix_lens_b`` (0: no prefix).
       max_len: cache slots, at least P + 1 + N.
     Returns:
-      KVCache (L, B, max_len, K, H), lengths = prefix_lens + 1 + text_lens.
+      KVCache (L, B, K, max_len, H), lengths = prefix_lens + 1 + text_lens.
     """
     cache = write_prefix(params, prefix_bpd, prefix_lens_b, cfg=cfg, max_len=max_len)
     return write_context(params, text_bnd, text_lens_b, cache, cfg=cfg)
@@ -241,9 +241,9 @@ def decode_step(params: dict, state: DecoderState, *, cfg: SpeechDecoderConfig,
 @functools.partial(jax.jit, static_argnames=("max_len",))
 def grow(state: DecoderState, *, max_len: int) -> DecoderState:
     """The same state with ``max_len`` cache slots (>= the current size); one compile per size."""
-    pad = [(0, 0)] * state.cache.k.ndim
-    pad[2] = (0, max_len - state.cache.max_len)
-    cache = state.cache.replace(k=jnp.pad(state.cache.k, pad), v=jnp.pad(state.cache.v, pad))
+    grow_slots = lambda a, axis: jnp.pad(a, [(0, max_len - a.shape[axis]) if i == axis else (0, 0)  # noqa: E731
+                                             for i in range(a.ndim)])
+    cache = state.cache.replace(k=grow_slots(state.cache.k, 3), v=grow_slots(state.cache.v, 4))
     return state.replace(cache=cache)
 
 

@@ -11,25 +11,25 @@ from fo_jax.layers.linear import Linear
 from fo_jax.layers.rope import apply_rope
 
 
-def dot_product_attention(q_btnh: jax.Array, k_bskh: jax.Array, v_bskh: jax.Array,
+def dot_product_attention(q_btnh: jax.Array, k_bksh: jax.Array, v_bkhs: jax.Array,
                           mask_bts: jax.Array) -> jax.Array:
     """Softmax attention where N query heads share K = N / G key/value heads.
 
     Args:
       q_btnh: (B, T, N, H) queries.
-      k_bskh, v_bskh: (B, S, K, H) keys and values.
+      k_bksh: (B, K, S, H) keys; v_bkhs: (B, K, H, S) values (the ``KVCache`` layouts).
       mask_bts: (B, T, S) bool, True where query t may attend to key s.
     Returns:
       (B, T, N, H). Scores and softmax are computed in float32.
     """
     b, t, n, h = q_btnh.shape
-    kv = k_bskh.shape[2]
+    kv = k_bksh.shape[1]
     q = q_btnh.reshape(b, t, kv, n // kv, h)
-    scores = jnp.einsum("btkgh,bskh->bkgts", q, k_bskh, preferred_element_type=jnp.float32)
+    scores = jnp.einsum("btkgh,bksh->bkgts", q, k_bksh, preferred_element_type=jnp.float32)
     scores = scores * (h ** -0.5)
     scores = jnp.where(mask_bts[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v_bskh.dtype)
-    out = jnp.einsum("bkgts,bskh->btkgh", probs, v_bskh)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v_bkhs.dtype)
+    out = jnp.einsum("bkgts,bkhs->btkgh", probs, v_bkhs)
     return out.reshape(b, t, n, h)
 
 
@@ -73,6 +73,8 @@ class Attention(nn.Module):
         if cache is not None:
             cache = cache.write(layer, k, v)
             k, v = cache.k[layer].astype(self.dtype), cache.v[layer].astype(self.dtype)
+        else:
+            k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 3, 1)
         out = dot_product_attention(q, k, v, mask_bts)
         out = Linear(x_btd.shape[-1], in_axes=2, names=("embed", "heads", "head_dim"), dtype=self.dtype,
                      param_dtype=self.param_dtype, name="o_proj")(out)

@@ -7,7 +7,8 @@ import jax
 import jax.numpy as jnp
 
 # Logical axis names of the cache arrays, resolved to mesh axes by ``fo_jax.sharding``.
-KV_AXES = ("layers", "cache_batch", "cache_len", "kv_heads", "head_dim")
+K_AXES = ("layers", "cache_batch", "kv_heads", "cache_len", "head_dim")
+V_AXES = ("layers", "cache_batch", "kv_heads", "head_dim", "cache_len")
 LENGTH_AXES = ("cache_batch",)
 
 
@@ -15,9 +16,14 @@ LENGTH_AXES = ("cache_batch",)
 class KVCache:
     """Keys/values of every layer in fixed-size slots, plus the filled length of each row.
 
+    Each array is stored as attention's products read it, the contracted axis last: keys (for
+    q.k, over H) heads then slots, values (for probs.v, over the slots) slots last, as llama.cpp
+    keeps its V cache. With both (L, B, S, K, H), XLA:CPU copied every layer's keys and values
+    into these orders at every decode step (a Qwen2-0.5B speak step: 78 -> 73 ms without the copies).
+
     Attributes:
-      k: (L, B, S, K, H) keys; slot s of row b holds position s once ``s < lengths[b]``.
-      v: (L, B, S, K, H) values.
+      k: (L, B, K, S, H) keys; slot s of row b holds position s once ``s < lengths[b]``.
+      v: (L, B, K, H, S) values, slots last.
       lengths: (B,) int32, number of filled slots per row.
     """
 
@@ -28,13 +34,13 @@ class KVCache:
     @classmethod
     def zeros(cls, num_layers: int, batch: int, max_len: int, num_kv_heads: int, head_dim: int,
               dtype: jnp.dtype = jnp.float32) -> "KVCache":
-        shape = (num_layers, batch, max_len, num_kv_heads, head_dim)
-        return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
+        shape = (num_layers, batch, num_kv_heads, max_len, head_dim)
+        return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape[:3] + shape[4:] + shape[3:4], dtype),
                    lengths=jnp.zeros((batch,), jnp.int32))
 
     @property
     def max_len(self) -> int:
-        return self.k.shape[2]
+        return self.k.shape[3]
 
     def write(self, layer: int, k_btkh: jax.Array, v_btkh: jax.Array) -> "KVCache":
         """Writes T new entries of one layer at slots ``lengths[b] + t`` (lengths unchanged).
@@ -44,8 +50,9 @@ class KVCache:
         batch, steps = k_btkh.shape[:2]
         rows = jnp.broadcast_to(jnp.arange(batch)[:, None], (batch, steps))
         slots = self.lengths[:, None] + jnp.arange(steps)[None, :]
-        k = _set_entries(self.k, (layer, rows, slots), k_btkh)
-        v = _set_entries(self.v, (layer, rows, slots), v_btkh)
+        # Advanced indices apart from each other lead the indexed shape: (B, T, K, H) as given.
+        k = _set_entries(self.k, (layer, rows, slice(None), slots), k_btkh)
+        v = _set_entries(self.v, (layer, rows, slice(None), slice(None), slots), v_btkh)
         return self.replace(k=k, v=v)
 
 

@@ -112,7 +112,7 @@ class Qwen2(nn.Module):
         Args:
           x_btd: (B, T, D) input embeddings (``embed`` of token ids, or speech embeddings).
           lengths_b: (B,) int, valid entries per row (default: all T).
-          cache: optional KVCache of shape (L, B, S, K, H).
+          cache: optional KVCache.
           positions_bt: (B, T) int rotary positions (no cache; default 0..T-1).
           mask_bts: (B, T, T) bool, True where query t may attend to key s (no cache; replaces
             the causal + padding mask).

@@ -159,7 +159,7 @@ class SpeechDecoder(nn.Module):
 
         Rows attend bidirectionally to the first ``lengths_b`` frames, positions from 0. The frames
         are written at slots ``cache.lengths + p``; the returned lengths grow by ``lengths_b``.
-        Args: x_bpd (B, P, D); lengths_b (B,) int; cache of shape (L, B, S, K, H).
+        Args: x_bpd (B, P, D); lengths_b (B,) int; cache: a KVCache.
         """
         b, p, _ = x_bpd.shape
         steps = jnp.arange(p)
