@@ -20,9 +20,10 @@ the release's server does per user.
 
 Fixed shapes: speech-decoder segments use ``SegmentShapes`` buckets; vocoder windows are the
 release's full window sizes (decoded trimmed to the audio the stream keeps), and a segment's last
-(shorter) window is padded to the next of them with its last token repeated, then cut (the release decodes that tail unpadded, so its last
-~10 tokens of audio differ slightly; the alternative is a program per tail length). Speech-decoder
-ids that are not codec codes (the specials; only untrained models emit them) are skipped.
+(shorter) window is padded to the next of them with its last token repeated, then cut (the
+release decodes that tail unpadded, so its last ~10 tokens of audio differ slightly; the
+alternative is a program per tail length). Speech-decoder ids that are not codec codes (the
+specials; only untrained models emit them) are skipped.
 
 Interruption keeps the answer in the LLM context up to the end of the last segment whose audio was
 completely handed out (``Reply.spoken_tokens``); the rest is cut from the cache.

@@ -186,7 +186,7 @@ def prefill(params: dict, text_bnd: jax.Array, text_lens_b: jax.Array, prefix_bp
       prefix_bpd: (B, P, D) LLM hidden-state frames, valid up to ``prefix_lens_b`` (0: no prefix).
       max_len: cache slots, at least P + 1 + N.
     Returns:
-      KVCache (L, B, K, max_len, H), lengths = prefix_lens + 1 + text_lens.
+      KVCache of ``max_len`` slots, lengths = prefix_lens + 1 + text_lens.
     """
     cache = write_prefix(params, prefix_bpd, prefix_lens_b, cfg=cfg, max_len=max_len)
     return write_context(params, text_bnd, text_lens_b, cache, cfg=cfg)
@@ -241,9 +241,9 @@ def decode_step(params: dict, state: DecoderState, *, cfg: SpeechDecoderConfig,
 @functools.partial(jax.jit, static_argnames=("max_len",))
 def grow(state: DecoderState, *, max_len: int) -> DecoderState:
     """The same state with ``max_len`` cache slots (>= the current size); one compile per size."""
-    grow_slots = lambda a, axis: jnp.pad(a, [(0, max_len - a.shape[axis]) if i == axis else (0, 0)  # noqa: E731
-                                             for i in range(a.ndim)])
-    cache = state.cache.replace(k=grow_slots(state.cache.k, 3), v=grow_slots(state.cache.v, 4))
+    extra = (0, max_len - state.cache.max_len)
+    cache = state.cache.replace(k=jnp.pad(state.cache.k, ((0, 0),) * 3 + (extra, (0, 0))),  # (L, B, K, S, H)
+                                v=jnp.pad(state.cache.v, ((0, 0),) * 4 + (extra,)))  # (L, B, K, H, S)
     return state.replace(cache=cache)
 
 

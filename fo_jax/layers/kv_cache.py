@@ -19,7 +19,7 @@ class KVCache:
     Each array is stored as attention's products read it, the contracted axis last: keys (for
     q.k, over H) heads then slots, values (for probs.v, over the slots) slots last, as llama.cpp
     keeps its V cache. With both (L, B, S, K, H), XLA:CPU copied every layer's keys and values
-    into these orders at every decode step (a Qwen2-0.5B speak step: 78 -> 73 ms without the copies).
+    into these orders at every decode step (XLA's trace of a Qwen2-0.5B speak step: 5.8 of 78 ms).
 
     Attributes:
       k: (L, B, K, S, H) keys; slot s of row b holds position s once ``s < lengths[b]``.
@@ -34,8 +34,8 @@ class KVCache:
     @classmethod
     def zeros(cls, num_layers: int, batch: int, max_len: int, num_kv_heads: int, head_dim: int,
               dtype: jnp.dtype = jnp.float32) -> "KVCache":
-        shape = (num_layers, batch, num_kv_heads, max_len, head_dim)
-        return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape[:3] + shape[4:] + shape[3:4], dtype),
+        return cls(k=jnp.zeros((num_layers, batch, num_kv_heads, max_len, head_dim), dtype),
+                   v=jnp.zeros((num_layers, batch, num_kv_heads, head_dim, max_len), dtype),
                    lengths=jnp.zeros((batch,), jnp.int32))
 
     @property
