@@ -185,8 +185,8 @@ def test_interrupt_keeps_the_spoken_text_and_the_next_turn_works(engine):
     assert engine.compiles.names_since(compiled) == []  # forced text, interruption: nothing new
     n = ref.context_length
     assert conv.context_length == n
-    np.testing.assert_allclose(np.asarray(conv.session.cache.k)[:, :, :, :n], np.asarray(ref.session.cache.k)[:, :, :, :n],
-                               atol=1e-5)
+    keys = [np.asarray(c.session.cache.k)[:, :, :, :n] for c in (conv, ref)]  # (L, B, K, S, H)
+    np.testing.assert_allclose(keys[0], keys[1], atol=1e-5)
 
 
 def test_interrupt_from_another_thread_and_before_the_first_step(engine, monkeypatch):

@@ -9,8 +9,8 @@ espeak-ng keeps global state in the process: it is initialised once and every ca
 so repeated and concurrent calls are safe. Its voices with breath noise ("+f2", "+f3") draw from a
 generator seeded from the clock; each call reseeds it from its own arguments, so a clip does not
 depend on when it was made (it still depends on the process's earlier calls: the same clips made
-in the same order come out the same). Piper is
-deterministic only with ``noise_scale=0`` and ``noise_w_scale=0``; its defaults vary per call.
+in the same order come out the same). Piper is deterministic only with ``noise_scale=0`` and
+``noise_w_scale=0``; its defaults vary per call.
 """
 
 from __future__ import annotations
